@@ -1,0 +1,270 @@
+"""The official RandAugment policy (NFNET_SPEC §4.4; ``autoaugment.py``
+``distort_image_with_randaugment``) on uint8 CHW tensors.
+
+Each of ``num_layers`` layers picks one of the 16 ops below uniformly and always applies it at
+the fixed magnitude ``M`` (``_MAX_LEVEL`` = 10 is the scale of M). Ops are built on
+``torchvision.transforms.v2.functional`` where it has the same operation; the rest are a few
+lines of tensor code. Randomness (op choice, signs, Cutout position) comes from torch's global
+RNG or an explicit ``torch.Generator``.
+
+Quirks of the official code, kept on purpose:
+
+* Posterize keeps ``int(M/10*4)`` bits, so a *lower* magnitude is a *stronger* posterize
+  (M=5 keeps 2 bits, M=15 keeps 6).
+* Solarize's threshold is ``int(M/10*256)``: 128 at M=5, and >= 256 from M=10 on, where no
+  uint8 pixel reaches it, so Solarize is a no-op at M >= 10.
+* Contrast blends towards a "mean" that is ``sum(histogram)/256`` = the pixel count / 256
+  (clipped to 255), not the mean intensity.
+* Color/Contrast/Brightness/Sharpness use the factor ``M/10*1.8 + 0.1`` and are never negated;
+  at M=5 the factor is exactly 1.0 and the official ``blend`` returns the image unchanged.
+* Rotate/Shear/Translate get a random sign; Translate is in absolute pixels (``M/10*100``);
+  Shear is about the top-left pixel (a projective transform, not a centred shear); the empty
+  area of geometric ops and the Cutout square are filled with 128.
+* A per-op ``prob`` is drawn in the official loop but never used; it is not drawn here.
+
+Rounding: the official ops go through TF's float32 conversions. Where torchvision's op rounds
+differently, the result differs by at most one grey level: Color's grey image is kept in float
+(TF quantises it to uint8 first), Sharpness rounds its blurred image (TF truncates).
+AutoContrast is written out in TF's form, because torchvision's ``(x - lo) / ((hi - lo) / 255)``
+often maps the brightest pixel to 254 instead of 255.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+MAX_LEVEL = 10.0
+FILL = 128  # replace_value of the official RandAugment
+CUTOUT_CONST = 40
+TRANSLATE_CONST = 100
+
+OP_NAMES = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
+    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "Cutout", "SolarizeAdd",
+)  # fmt: skip  (the official `available_ops` order)
+
+
+def parse_ra_level(level: int) -> tuple[int, int]:
+    """Official ``randaugment_<level>`` decoding: above 100 the hundreds are the layer count
+    (405 -> 4 layers at M=5); otherwise 2 layers at M=level."""
+    level = int(level)
+    if level > 100:
+        num_layers = level // 100
+        return num_layers, level - 100 * num_layers
+    return 2, level
+
+
+# ---- magnitude -> argument (official `level_to_arg`) -----------------------------------------
+
+
+def enhance_factor(m: float) -> float:
+    return (m / MAX_LEVEL) * 1.8 + 0.1
+
+
+def posterize_bits(m: float) -> int:
+    return int((m / MAX_LEVEL) * 4)
+
+
+def solarize_threshold(m: float) -> int:
+    return int((m / MAX_LEVEL) * 256)
+
+
+def solarize_add_amount(m: float) -> int:
+    return int((m / MAX_LEVEL) * 110)
+
+
+def rotate_degrees(m: float) -> float:
+    return (m / MAX_LEVEL) * 30.0
+
+
+def shear_level(m: float) -> float:
+    return (m / MAX_LEVEL) * 0.3
+
+
+def translate_pixels(m: float, translate_const: float = TRANSLATE_CONST) -> float:
+    return (m / MAX_LEVEL) * float(translate_const)
+
+
+def cutout_pad(m: float, cutout_const: int = CUTOUT_CONST) -> int:
+    return int((m / MAX_LEVEL) * cutout_const)
+
+
+# ---- the ops (uint8 (..., 3, H, W) in and out) ------------------------------------------------
+
+
+def blend(degenerate: torch.Tensor, img: torch.Tensor, factor: float) -> torch.Tensor:
+    """Official ``blend``: ``degenerate + factor * (img - degenerate)``, clipped, truncated."""
+    if factor == 0.0:
+        return degenerate.expand_as(img).clone()
+    if factor == 1.0:
+        return img
+    d = degenerate.to(torch.float32)
+    out = d + factor * (img.to(torch.float32) - d)
+    return out.clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def autocontrast(img: torch.Tensor) -> torch.Tensor:
+    """Per-channel stretch of [lo, hi] to [0, 255]; a constant channel is left unchanged."""
+    x = img.to(torch.float32)
+    lo = x.amin(dim=(-2, -1), keepdim=True)
+    hi = x.amax(dim=(-2, -1), keepdim=True)
+    # float32 in TF's order: x * (255 / (hi - lo)) + (-lo * scale), then clip and truncate.
+    scale = 255.0 / (hi - lo)
+    out = (x * scale + (-lo * scale)).clamp_(0.0, 255.0).to(torch.uint8)
+    return torch.where(hi > lo, out, img)
+
+
+def solarize(img: torch.Tensor, threshold: int) -> torch.Tensor:
+    # torchvision rejects thresholds above 255; no uint8 pixel reaches them anyway.
+    return img if threshold > 255 else F.solarize(img, threshold)
+
+
+def solarize_add(img: torch.Tensor, addition: int, threshold: int = 128) -> torch.Tensor:
+    added = (img.to(torch.int16) + addition).clamp_(0, 255).to(torch.uint8)
+    return torch.where(img < threshold, added, img)
+
+
+def posterize(img: torch.Tensor, bits: int) -> torch.Tensor:
+    # The official shift is 8 - bits; bits outside [0, 8] (M > 20) would be a negative shift,
+    # which TF leaves undefined: clamp to "keep everything".
+    bits = min(max(bits, 0), 8)
+    if bits == 0:
+        return torch.zeros_like(img)
+    return F.posterize(img, bits)
+
+
+def contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
+    if factor == 1.0:
+        return img
+    # Quirk: the official "mean" is sum(histogram) / 256, i.e. the number of pixels / 256.
+    h, w = img.shape[-2:]
+    mean = int(min(h * w / 256.0, 255.0))
+    return blend(torch.tensor(mean, dtype=torch.uint8, device=img.device), img, factor)
+
+
+def _enhance(op: Callable[[torch.Tensor, float], torch.Tensor]):
+    def apply(img: torch.Tensor, factor: float) -> torch.Tensor:
+        # Official blend returns the image itself at factor 1.0 (M=5): skip the work.
+        return img if factor == 1.0 else op(img, factor)
+
+    return apply
+
+
+def rotate(img: torch.Tensor, degrees: float) -> torch.Tensor:
+    # Nearest-neighbour about the image centre, like tfa.image.rotate's defaults.
+    return F.rotate(img, degrees, interpolation=InterpolationMode.NEAREST, fill=[FILL] * 3)
+
+
+def shear(img: torch.Tensor, level: float, axis: str) -> torch.Tensor:
+    # Official: a projective transform mapping output (x, y) to input (x + level*y, y)
+    # (ShearX) about pixel (0, 0). torchvision's affine with shear angle atan(level) and its
+    # centre on the centre of pixel (0, 0) — (0.5, 0.5) in its coordinates — is that map.
+    angle = math.degrees(math.atan(level))
+    sh = [angle, 0.0] if axis == "x" else [0.0, angle]
+    return F.affine(
+        img, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=sh,
+        interpolation=InterpolationMode.NEAREST, fill=[FILL] * 3, center=[0.5, 0.5],
+    )  # fmt: skip
+
+
+def translate(img: torch.Tensor, pixels: float, axis: str) -> torch.Tensor:
+    """Output pixel (x, y) = input (x + pixels, y) for TranslateX, filled with 128 outside.
+
+    The official translate moves the image by ``-pixels``. Pixels are whole numbers for integer
+    magnitudes (M*10), so a nearest-neighbour warp is an exact shift: done here by slicing
+    instead of a float grid_sample.
+    """
+    p = int(round(pixels))
+    dim = -1 if axis == "x" else -2
+    n = img.shape[dim]
+    out = torch.full_like(img, FILL)
+    if abs(p) >= n:
+        return out
+    if p >= 0:
+        out.narrow(dim, 0, n - p).copy_(img.narrow(dim, p, n - p))
+    else:
+        out.narrow(dim, -p, n + p).copy_(img.narrow(dim, 0, n + p))
+    return out
+
+
+def cutout(img: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None):
+    """A (2*pad)^2 square of 128 centred on a uniform pixel, clipped at the borders."""
+    h, w = img.shape[-2:]
+    cy = int(torch.randint(h, (), generator=generator))
+    cx = int(torch.randint(w, (), generator=generator))
+    top, left = max(0, cy - pad), max(0, cx - pad)
+    bottom, right = min(h, cy + pad), min(w, cx + pad)
+    if bottom <= top or right <= left:
+        return img
+    value = torch.tensor(FILL, dtype=img.dtype, device=img.device)
+    return F.erase(img, top, left, bottom - top, right - left, value)
+
+
+# Each op as (image, RandAugment, sign) -> image; module-level so RandAugment pickles into
+# DataLoader workers under any start method. ``sign`` (+-1) is used by the signed ops only.
+_OPS: dict[str, Callable[[torch.Tensor, "RandAugment", float], torch.Tensor]] = {
+    "AutoContrast": lambda x, ra, s: autocontrast(x),
+    "Equalize": lambda x, ra, s: F.equalize(x),
+    "Invert": lambda x, ra, s: F.invert(x),
+    "Rotate": lambda x, ra, s: rotate(x, s * rotate_degrees(ra.magnitude)),
+    "Posterize": lambda x, ra, s: posterize(x, posterize_bits(ra.magnitude)),
+    "Solarize": lambda x, ra, s: solarize(x, solarize_threshold(ra.magnitude)),
+    "Color": lambda x, ra, s: _enhance(F.adjust_saturation)(x, enhance_factor(ra.magnitude)),
+    "Contrast": lambda x, ra, s: contrast(x, enhance_factor(ra.magnitude)),
+    "Brightness": lambda x, ra, s: _enhance(F.adjust_brightness)(x, enhance_factor(ra.magnitude)),
+    "Sharpness": lambda x, ra, s: _enhance(F.adjust_sharpness)(x, enhance_factor(ra.magnitude)),
+    "ShearX": lambda x, ra, s: shear(x, s * shear_level(ra.magnitude), "x"),
+    "ShearY": lambda x, ra, s: shear(x, s * shear_level(ra.magnitude), "y"),
+    "TranslateX": lambda x, ra, s: translate(
+        x, s * translate_pixels(ra.magnitude, ra.translate_const), "x"
+    ),
+    "TranslateY": lambda x, ra, s: translate(
+        x, s * translate_pixels(ra.magnitude, ra.translate_const), "y"
+    ),
+    "Cutout": lambda x, ra, s: cutout(x, cutout_pad(ra.magnitude, ra.cutout_const), ra.generator),
+    "SolarizeAdd": lambda x, ra, s: solarize_add(x, solarize_add_amount(ra.magnitude)),
+}
+assert tuple(_OPS) == OP_NAMES
+
+
+class RandAugment:
+    """Official RandAugment: ``num_layers`` uniformly chosen ops, each always applied at
+    magnitude ``magnitude``. ``__call__(uint8 (..., 3, H, W)) -> uint8`` of the same shape."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        magnitude: float,
+        cutout_const: int = CUTOUT_CONST,
+        translate_const: float = TRANSLATE_CONST,
+        generator: Optional[torch.Generator] = None,
+    ):
+        self.num_layers = int(num_layers)
+        self.magnitude = float(magnitude)
+        self.cutout_const = cutout_const
+        self.translate_const = translate_const
+        self.generator = generator
+
+    def apply_op(self, img: torch.Tensor, name: str, sign: float = 1.0) -> torch.Tensor:
+        """Apply one named op at this magnitude (``sign`` used by Rotate/Shear/Translate)."""
+        return _OPS[name](img, self, sign)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if img.dtype != torch.uint8:
+            raise TypeError(f"RandAugment expects a uint8 image, got {img.dtype}")
+        g = self.generator
+        # All draws for the image at once: one op index and one sign per layer.
+        ops = torch.randint(len(OP_NAMES), (self.num_layers,), generator=g).tolist()
+        negate = (torch.rand(self.num_layers, generator=g) < 0.5).tolist()
+        for op, neg in zip(ops, negate):
+            img = _OPS[OP_NAMES[op]](img, self, -1.0 if neg else 1.0)
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_layers={self.num_layers}, magnitude={self.magnitude:g})"

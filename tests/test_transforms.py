@@ -1,0 +1,215 @@
+"""Official train crop, eval resize-then-crop, TF bicubic resize and normalisation."""
+
+import math
+
+import pytest
+import torch
+
+from nfnet.data.transforms import (
+    IMAGENET_MEAN_255,
+    IMAGENET_STD_255,
+    BasicTrainTransform,
+    InceptionCrop,
+    ResizeCropEval,
+    bicubic_taps,
+    center_crop_box,
+    normalize,
+    resize_bicubic,
+    sample_inception_crop,
+)
+
+
+def keys(d):
+    """Keys' cubic kernel, a = -0.5, written out for the hand computations below."""
+    d = abs(d)
+    if d <= 1:
+        return 1.5 * d**3 - 2.5 * d**2 + 1
+    return -0.5 * d**3 + 2.5 * d**2 - 4 * d + 2
+
+
+def test_normalize_known_values():
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 2, 1).expand(3, 2, 1)
+    y = normalize(x)
+    assert y.dtype == torch.float32 and y.shape == (3, 2, 1)
+    for c in range(3):
+        mean, std = [0.485, 0.456, 0.406][c], [0.229, 0.224, 0.225][c]
+        assert y[c, 0, 0].item() == pytest.approx(-mean / std, rel=1e-6)
+        assert y[c, 1, 0].item() == pytest.approx(
+            (255 - IMAGENET_MEAN_255[c]) / IMAGENET_STD_255[c], rel=1e-6
+        )
+    assert normalize(x.unsqueeze(0).expand(4, -1, -1, -1)).shape == (4, 3, 2, 1)
+    assert IMAGENET_MEAN_255[0] == pytest.approx(123.675) and IMAGENET_STD_255[2] == pytest.approx(
+        57.375
+    )
+
+
+def test_bicubic_taps_downscale_by_two():
+    # 4 -> 2: output i samples (i + 0.5) * 2 - 0.5 = 0.5 and 2.5, i.e. offset 0.5 between
+    # pixels; kernel weights k(1.5), k(0.5), k(0.5), k(1.5) = -1/16, 9/16, 9/16, -1/16.
+    assert keys(0.5) == 9 / 16 and keys(1.5) == -1 / 16
+    idx, w = bicubic_taps(4, 2)
+    # Output 0: the tap at -1 is outside: dropped, the rest renormalised by 17/16.
+    assert idx[0].tolist()[1:] == [0, 1, 2] and w[0, 0] == 0
+    assert w[0].tolist() == pytest.approx([0, 9 / 17, 9 / 17, -1 / 17])
+    assert idx[1].tolist()[:3] == [1, 2, 3] and w[1, 3] == 0
+    assert w[1].tolist() == pytest.approx([-1 / 17, 9 / 17, 9 / 17, 0])
+    # A row 10, 20, 30, 40 -> (9*10 + 9*20 - 30)/17 = 14.12 and (-20 + 9*30 + 9*40)/17 = 35.88.
+    row = torch.tensor([10, 20, 30, 40], dtype=torch.uint8).view(1, 1, 4).expand(3, 5, 4)
+    out = resize_bicubic(row, (5, 2))
+    assert out.shape == (3, 5, 2) and out.dtype == torch.uint8
+    assert (out == torch.tensor([14, 36], dtype=torch.uint8)).all()
+
+
+def test_bicubic_taps_upscale_edges_and_interior():
+    # 2 -> 4: positions -0.25, 0.25, 0.75, 1.25. Output 0 sits at -0.25: only pixels 0 (distance
+    # 0.25) and 1 (distance 1.25) are inside the image.
+    idx, w = bicubic_taps(2, 4)
+    s = keys(0.25) + keys(1.25)
+    assert w[0].tolist() == pytest.approx([0, 0, keys(0.25) / s, keys(1.25) / s], abs=1e-6)
+    # Output 1 at 0.25: taps -1 (out), 0, 1, 2 (out).
+    s = keys(0.25) + keys(0.75)
+    assert w[1].tolist() == pytest.approx([0, keys(0.25) / s, keys(0.75) / s, 0], abs=1e-6)
+    img = torch.tensor([100, 200], dtype=torch.uint8).view(1, 1, 2).expand(3, 1, 2)
+    out = resize_bicubic(img, (1, 4))[0, 0].tolist()
+    expect = [
+        round((100 * keys(0.25) + 200 * keys(1.25)) / (keys(0.25) + keys(1.25))),
+        round((100 * keys(0.25) + 200 * keys(0.75)) / (keys(0.25) + keys(0.75))),
+        round((100 * keys(0.75) + 200 * keys(0.25)) / (keys(0.25) + keys(0.75))),
+        round((100 * keys(1.25) + 200 * keys(0.25)) / (keys(0.25) + keys(1.25))),
+    ]
+    assert out == expect == [91, 121, 179, 209]
+
+
+def test_resize_same_size_is_identity_and_box_crops():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 9, 7), dtype=torch.uint8, generator=g)
+    assert torch.equal(resize_bicubic(img, (9, 7)), img)
+    assert torch.equal(resize_bicubic(img, (4, 3), box=(2, 1, 4, 3)), img[:, 2:6, 1:4])
+    batch = img.unsqueeze(0).expand(2, -1, -1, -1)
+    assert resize_bicubic(batch, (5, 5)).shape == (2, 3, 5, 5)
+
+
+def test_eval_resize_then_centre_crop_known_image():
+    # S = 8, pad 32: the image is squashed to 40x40 ignoring aspect, then rows/cols 16:24 kept.
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=g)
+    out = ResizeCropEval(8)(img)
+    assert out.shape == (3, 8, 8) and out.dtype == torch.uint8
+    assert torch.equal(out, img[:, 16:24, 16:24])
+    # A 40x60 image whose rows are constant: squashing the width keeps each row's value, so the
+    # output is rows 16:24 whatever the width (no aspect-preserving resize, no side crop).
+    rows = torch.arange(40, dtype=torch.uint8).mul(5).view(1, 40, 1).expand(3, 40, 60)
+    out = ResizeCropEval(8)(rows)
+    assert torch.equal(out, rows[:, 16:24, :8])
+    # Odd pad: offset (pad + 1) // 2, as the official crop window.
+    img = torch.randint(0, 256, (3, 11, 11), dtype=torch.uint8, generator=g)
+    assert torch.equal(ResizeCropEval(8, pad=3)(img), img[:, 2:10, 2:10])
+
+
+def test_inception_crop_shapes_dtype_and_flip():
+    img = torch.arange(3 * 30 * 40).remainder(256).to(torch.uint8).view(3, 30, 40)
+    t_noflip, t_flip = InceptionCrop(16, flip=False), InceptionCrop(16)
+    flips = 0
+    for seed in range(200):
+        torch.manual_seed(seed)
+        a = t_noflip(img)
+        torch.manual_seed(seed)
+        b = t_flip(img)
+        assert a.shape == (3, 16, 16) and a.dtype == torch.uint8
+        if not torch.equal(a, b):
+            assert torch.equal(b, a.flip(-1))
+            flips += 1
+    assert 70 <= flips <= 130  # p = 0.5, 200 draws: +-4.2 sigma
+
+
+def test_inception_crop_constraints_statistically():
+    g = torch.Generator().manual_seed(0)
+    H, W, n = 375, 500, 3000
+    areas, aspects, fallbacks = [], [], 0
+    for _ in range(n):
+        top, left, h, w = sample_inception_crop(H, W, 224, generator=g)
+        assert 0 <= top and top + h <= H and 0 <= left and left + w <= W
+        # TF's Uniform(n) is [0, n): a crop narrower/shorter than the image never touches the
+        # bottom/right edge.
+        assert h == H or top + h < H
+        assert w == W or left + w < W
+        if (top, left, h, w) == center_crop_box(H, W, 224):
+            fallbacks += 1
+            continue
+        areas.append(h * w / (H * W))
+        aspects.append(w / h)
+    areas, aspects = torch.tensor(areas), torch.tensor(aspects)
+    # min_object_covered 0.1 rejects crops below 10% of the image; area never exceeds it.
+    assert areas.min() >= 0.1 and areas.max() < 1.0
+    # width = round(height * ratio): the ratio bounds hold up to half a pixel of rounding.
+    assert (aspects >= 0.75 - 0.5 / 100).all() and (aspects <= 4 / 3 + 0.5 / 100).all()
+    # Both ends of the ranges are reached.
+    assert areas.min() < 0.15 and areas.max() > 0.9
+    assert aspects.min() < 0.78 and aspects.max() > 1.3
+    assert fallbacks < 0.05 * n
+
+
+def test_inception_crop_fallback_on_impossible_image():
+    # 50 x 1000: a crop with aspect <= 4/3 covers at most 50*67/50000 < 8% -> every attempt
+    # fails. Centre crop: side int(50/256 * 224) = int(43.75) = 43, offsets (50-43+1)//2 = 4 and
+    # (1000-43+1)//2 = 479.
+    assert center_crop_box(50, 1000, 224) == (4, 479, 43, 43)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample_inception_crop(50, 1000, 224, generator=g) == (4, 479, 43, 43)
+    # A successful draw of the whole image also falls back (the official shape comparison):
+    # aspect and area pinned to 1 on a square image always give the full image.
+    box = sample_inception_crop(
+        100, 100, 224, area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0), generator=g
+    )
+    # side int(100/256 * 224) = int(87.5) = 87; offset (100 - 87 + 1) // 2 = 7.
+    assert box == (7, 7, 87, 87)
+
+
+def test_inception_crop_uses_the_fallback_end_to_end():
+    # With the crop forced to the centre crop, the transform is resize_bicubic of that box.
+    img = torch.randint(0, 256, (3, 50, 1000), dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = InceptionCrop(12, flip=False)(img)
+    top, left, h, w = center_crop_box(50, 1000, 12)
+    assert (h, w) == (int(50 / 44 * 12), int(50 / 44 * 12))
+    assert torch.equal(out, resize_bicubic(img, (12, 12), box=(top, left, h, w)))
+
+
+def test_height_is_uniform_over_its_range():
+    # GenerateRandomCrop draws the height uniformly between the heights allowed by the area
+    # range; for a square 100x100 image and aspect ~1, that is about 28..100. Check the first
+    # decile vs the last with a chi-square-free sanity bound.
+    g = torch.Generator().manual_seed(3)
+    hs = torch.tensor(
+        [sample_inception_crop(100, 100, 224, aspect_ratio_range=(1.0, 1.0), generator=g)[2]
+         for _ in range(2000)]
+    )  # fmt: skip
+    kept = hs[hs != 87]  # drop centre-crop fallbacks (full-image draws)
+    lo, hi = math.ceil(math.sqrt(0.1) * 100), 99
+    assert kept.min() >= lo - 1 and kept.max() <= hi
+    low = ((kept >= lo) & (kept < lo + 10)).sum().item()
+    high = ((kept >= hi - 9) & (kept <= hi)).sum().item()
+    assert abs(low - high) < 0.35 * max(low, high)
+
+
+def test_basic_train_transform():
+    img = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
+    out = BasicTrainTransform(24)(img)
+    assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
+
+
+def test_channels_last_input_same_result():
+    # torchvision's JPEG decoder returns an HWC buffer viewed as CHW; the fast path for that
+    # layout must give the same pixels as a contiguous CHW image (up to one level, should a
+    # BLAS build sum the 4 taps in another order and land on the other side of a .5).
+    g = torch.Generator().manual_seed(2)
+    hwc = torch.randint(0, 256, (23, 31, 3), dtype=torch.uint8, generator=g)
+    chw_view, chw = hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()
+    assert chw_view.stride(0) == 1
+    for box in (None, (2, 3, 17, 20)):
+        a = resize_bicubic(chw_view, (11, 14), box=box)
+        b = resize_bicubic(chw, (11, 14), box=box)
+        assert a.is_contiguous() and (a.int() - b.int()).abs().max() <= 1
+    e1, e2 = ResizeCropEval(8, pad=4)(chw_view), ResizeCropEval(8, pad=4)(chw)
+    assert (e1.int() - e2.int()).abs().max() <= 1
