@@ -1,0 +1,37 @@
+"""Optimization floor: adaptive gradient clipping, parameter groups by role, schedules.
+
+Plain PyTorch (no Lightning, no Hydra), usable from any training loop.
+"""
+
+from nfnet.optim.agc import AdaptiveGradClipper, adaptive_clip_grad_
+from nfnet.optim.param_groups import (
+    agc_named_parameters,
+    agc_parameters,
+    optimizer_param_groups,
+    parameter_roles,
+    stage_of,
+)
+from nfnet.optim.schedule import (
+    WarmupCosineMultiplier,
+    ema_decay,
+    scale_lr,
+    schedule_lengths,
+    warmup_cosine,
+    warmup_cosine_scheduler,
+)
+
+__all__ = [
+    "AdaptiveGradClipper",
+    "WarmupCosineMultiplier",
+    "adaptive_clip_grad_",
+    "agc_named_parameters",
+    "agc_parameters",
+    "ema_decay",
+    "optimizer_param_groups",
+    "parameter_roles",
+    "scale_lr",
+    "schedule_lengths",
+    "stage_of",
+    "warmup_cosine",
+    "warmup_cosine_scheduler",
+]
