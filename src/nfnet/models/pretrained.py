@@ -97,8 +97,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Any supported weights file -> a state dict in this model's naming.
 
     `.safetensors` (this project's or timm's naming); torch files (.pth/.pt/.bin, plain
-    state dicts or under a 'state_dict' key) loaded with weights_only=True; anything else is
-    taken for a DeepMind Haiku pickle and read with the restricted unpickler.
+    state dicts or under a 'state_dict' key, including this project's training checkpoints,
+    whose EMA weights `ema_net.*` are taken, else the raw `net.*`) loaded with
+    weights_only=True; anything else is taken for a DeepMind Haiku pickle and read with the
+    restricted unpickler.
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -111,6 +113,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state_dict.get("state_dict"), Mapping):
             state_dict = state_dict["state_dict"]
+        for prefix in ("ema_net.", "net."):  # a training checkpoint (nfnet.module.NFNetClassifier)
+            if any(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                break
     return from_timm_state_dict(state_dict) if _is_timm(state_dict) else dict(state_dict)
 
 

@@ -1,0 +1,97 @@
+"""Callbacks for what the dashboards show.
+
+`AugmentedImageGrid` shows the images the network actually trains on: the first training batch
+after mixing and RandAugment, exactly as it reaches the forward pass. A pipeline bug (wrong
+colours, crops that miss the object, labels that do not match) is visible there at a glance and
+invisible in the loss curve. `WandbRunInCheckpoint` writes the wandb run id into every
+checkpoint, so that resuming from it continues the same wandb run (see `nfnet.loggers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import lightning.pytorch as pl
+import torch
+from torchvision.io import write_png
+from torchvision.utils import make_grid
+
+from nfnet.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
+
+log = logging.getLogger(__name__)
+
+WANDB_RUN_KEY = "wandb_run_id"
+
+
+def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """A batch as the network sees it (normalized float, or raw uint8) -> uint8 (N, 3, H, W) on the CPU."""
+    images = images.detach().cpu()
+    if images.dtype == torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    return (images.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
+
+
+def describe_targets(targets: torch.Tensor, class_names: list[str] | None, top: int = 2) -> list[str]:
+    """One caption per example: the class, or for a mixed example its two largest shares."""
+    def name(index: int) -> str:
+        return class_names[index] if class_names and index < len(class_names) else str(index)
+
+    targets = targets.detach().cpu()
+    if targets.ndim == 1:
+        return [name(int(t)) for t in targets]
+    weights, indices = targets.float().topk(min(top, targets.shape[1]), dim=1)
+    return [
+        " + ".join(f"{name(int(i))} {float(w):.2f}" for w, i in zip(ws, idx) if w > 0.005)
+        for ws, idx in zip(weights, indices)
+    ]
+
+
+class AugmentedImageGrid(pl.Callback):
+    """Logs the first training batch once per run: a PNG grid in the run directory, every image
+    with its (mixed) label to wandb, and the grid to TensorBoard, whichever loggers are active."""
+
+    def __init__(self, num_images: int = 32, filename: str = "augmented_images.png", key: str = "train/augmented_images"):
+        self.num_images = num_images
+        self.filename = filename
+        self.key = key
+        self._logged = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        # fast_dev_run and sanity checks stand in for a real run; their loggers are dummies.
+        if not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        images, targets = batch
+        images = to_uint8_images(images[: self.num_images])
+        captions = describe_targets(targets[: self.num_images], pl_module.hparams.get("class_names"))
+        grid = make_grid(images, nrow=8, padding=2)
+        path = os.path.join(trainer.default_root_dir, self.filename)
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        write_png(grid, path)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            kind = type(logger).__name__
+            if kind == "WandbLogger":
+                logger.log_image(self.key, images=[img.permute(1, 2, 0).numpy() for img in images],
+                                 step=step, caption=captions)
+            elif kind == "TensorBoardLogger":
+                logger.experiment.add_image(self.key, grid, step)
+        log.info("augmented training images: %s", path)
+
+
+class WandbRunInCheckpoint(pl.Callback):
+    """Stores the wandb run id in each checkpoint; `nfnet.loggers` reads it back on resume."""
+
+    def __init__(self, logger) -> None:
+        self.logger = logger
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # `version` is the run id once the run exists, without starting one on other ranks.
+        run_id = self.logger.version
+        if run_id:
+            checkpoint[WANDB_RUN_KEY] = str(run_id)

@@ -1,0 +1,70 @@
+"""Shared fixtures: configs composed from the real conf/ tree, shrunk to CPU-test size."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("NFNET_ROOT", str(ROOT))
+# No test may reach the network or a wandb account.
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from nfnet.config import register_resolvers  # noqa: E402
+
+register_resolvers()
+CONF_DIR = str(ROOT / "conf")
+
+# A shapes dataset small enough to generate in about a second; cached once per session.
+SMALL_SHAPES = {"seed": 0, "train_per_class": 24, "val_per_class": 8, "image_size": 64}
+
+
+def compose_train(overrides: list[str] | None = None):
+    """The train config as `python train.py <overrides>` would compose it (hydra node included)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides or [], return_hydra_config=True)
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shapes-cache")
+
+
+@pytest.fixture
+def cfg_train(tmp_path, shapes_cache):
+    """A tiny, quick, CPU-only training config writing into tmp_path."""
+
+    def make(overrides: list[str] | None = None):
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg = compose_train(
+            [
+                "logger=none",
+                "trainer.max_epochs=1",
+                "data.num_workers=0",
+                "data.batch_size=16",
+                "data.eval_batch_size=32",
+                f"data.root={shapes_cache}",
+                "print_config=false",
+            ]
+            + (overrides or [])
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            cfg.paths.log_dir = str(tmp_path)
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            for key, value in SMALL_SHAPES.items():
+                if not any(o.startswith(f"data.shapes.{key}=") for o in overrides or []):
+                    cfg.data.shapes[key] = value
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,93 @@
+"""The training entry point end to end on CPU: smoke run, learning, checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from nfnet import tasks
+from nfnet.module import NFNetClassifier
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fast_dev_run(cfg_train):
+    cfg = cfg_train(["trainer.fast_dev_run=true", "test=false"])
+    tasks.train(cfg)
+
+
+class _LossRecorder(pl.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_a_short_run_lowers_the_training_loss(cfg_train):
+    pl.seed_everything(0)
+    cfg = cfg_train(["trainer.max_epochs=6", "callbacks=none", "test=false", "augment=none"])
+    datamodule = tasks.build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = tasks.build_module(cfg, datamodule.num_classes)
+    recorder = _LossRecorder()
+    trainer = pl.Trainer(
+        max_epochs=6, accelerator="cpu", logger=False, callbacks=[recorder], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    losses = recorder.losses
+    assert len(losses) >= 60  # 240 images / 16 per step * 6 epochs = 90 steps
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first - 0.1, (first, last)
+
+
+@pytest.mark.slow
+def test_best_checkpoint_reloads_weights_only_with_the_same_val_accuracy(cfg_train):
+    cfg = cfg_train(["trainer.max_epochs=2", "test=false"])
+    metrics = tasks.train(cfg)
+    best = metrics["best_model_path"]
+    assert Path(best).exists()
+    # torch's default weights_only=True: the hyperparameters must be primitives only.
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    assert any(k.startswith("ema_net.") for k in checkpoint["state_dict"])
+    module = NFNetClassifier.load_from_checkpoint(best, weights_only=True)
+    datamodule = tasks.build_datamodule(cfg)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.validate(module, datamodule=datamodule)[0]
+    assert result["val/acc_top1"] == pytest.approx(checkpoint["callbacks"][_checkpoint_key(checkpoint)]["best_model_score"].item())
+
+
+def _checkpoint_key(checkpoint):
+    return next(k for k in checkpoint["callbacks"] if k.startswith("ModelCheckpoint"))
+
+
+@pytest.mark.slow
+def test_train_py_runs_from_the_command_line(tmp_path, shapes_cache):
+    """`python train.py` with overrides, as a user types it, in a fresh process."""
+    result = subprocess.run(
+        [
+            sys.executable, str(ROOT / "train.py"), "trainer.fast_dev_run=true", "test=false",
+            "data.num_workers=0", f"data.root={shapes_cache}", "data.shapes.train_per_class=24",
+            "data.shapes.val_per_class=8", f"paths.log_dir={tmp_path}",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model" in result.stdout  # the printed config tree
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "optim.agc.clipping=-1", f"paths.log_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "optim.agc.clipping=-1" in result.stderr
