@@ -14,9 +14,10 @@ if [ ! -f "$_venv/.complete" ]; then
     mkdir -p "$_cache"
     "$_python" -m venv "$_venv"
     "$_venv/bin/python" -m pip install --quiet --upgrade "pip>=24" "setuptools>=68" wheel
-    # The dev extra carries the test dependencies; torch comes from the registry's standard
-    # build (never a +cpu wheel: torchvision cannot load its ops with one).
-    "$_venv/bin/python" -m pip install --quiet -e "$_root[dev]"
+    # The dev extra carries the test dependencies (the sweeps and video extras are tested too);
+    # torch comes from the registry's standard build (never a +cpu wheel: torchvision cannot
+    # load its ops with one).
+    "$_venv/bin/python" -m pip install --quiet -e "$_root[dev,sweeps,video]"
     touch "$_venv/.complete"
 fi
 # The environment outlives this clone, so the editable install is re-pointed at it every time.
