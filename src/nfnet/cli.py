@@ -1,0 +1,191 @@
+"""The command line in front of every entry point: a bad override costs one line, not a traceback.
+
+`precheck` runs before `@hydra.main` takes over. It composes the config exactly as Hydra will
+(for a multirun: every job of the sweep, up to a limit) and runs the entry point's checks on it,
+so that an unknown group option or key, an unparsable override or a bad value is reported as
+    config error: <key>=<value> ...what is allowed...
+with exit status 2, before any output directory is created or any data is touched. Hydra's own
+reports of the same mistakes are several lines long; here they are reduced to one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nfnet.config import ConfigError, register_resolvers
+
+# A sweep is checked job by job up to this many jobs; beyond that the first ones stand for all.
+MAX_CHECKED_JOBS = 64
+Check = Callable[[DictConfig, bool], None]
+
+
+def fail(message: str) -> None:
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def precheck(config_dir: str | Path, config_name: str, check: Check | None = None, argv: list[str] | None = None) -> None:
+    """Validate the command line of an entry point; exits with status 2 on the first problem."""
+    register_resolvers()
+    try:
+        _precheck(Path(config_dir), config_name, check, sys.argv[1:] if argv is None else argv)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def _precheck(config_dir: Path, config_name: str, check: Check | None, argv: list[str]) -> None:
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    # Help, config printing and shell completion must work even on a config with bad values;
+    # an extra config path/dir changes the search path, which is Hydra's to resolve.
+    if any((args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.experimental_rerun,
+            args.config_path, args.config_dir)):
+        return
+    config_name = args.config_name or config_name
+    overrides = _parse(args.overrides)
+    jobs = _sweep_jobs(config_dir, overrides) if args.multirun else [list(args.overrides)]
+    for job in jobs[:MAX_CHECKED_JOBS]:
+        cfg = _compose(config_dir, config_name, job)
+        if check is None:
+            continue
+        # Jobs of a multirun may run on other machines (SLURM): only portable checks here; each
+        # job checks its own machine again when it starts.
+        multirun = args.multirun or str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
+        try:
+            check(cfg, not multirun)
+        except OmegaConfBaseException as error:
+            raise ConfigError(_first_line(error)) from None
+
+
+def _parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
+        raise ConfigError(
+            f"cannot parse the override {bad!r}: {_first_line(error)} "
+            "(grammar: https://hydra.cc/docs/1.3/advanced/override_grammar/basic/)"
+        ) from None
+
+
+def _unparsable(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return True
+    return False
+
+
+def group_options(config_dir: Path, group: str) -> list[str] | None:
+    """The options of a config group in conf/, or None when `group` is not one of its groups."""
+    folder = config_dir / group
+    if not folder.is_dir():
+        return None
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _sweep_jobs(config_dir: Path, overrides) -> list[list[str]]:
+    """The override list of each job of a basic sweep (cartesian product, as Hydra's)."""
+    choices: list[list[str]] = []
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices.append([override.input_line])
+        elif override.is_interval_sweep():
+            continue  # a continuous range (Optuna) has no jobs to list; the config default stands in
+        elif type(override.value()).__name__ == "Glob":
+            options = group_options(config_dir, override.key_or_group) or []
+            choices.append([f"{key}={name}" for name in override.value().filter(options)])
+        else:
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    return [list(job) for job in itertools.islice(itertools.product(*choices), MAX_CHECKED_JOBS)]
+
+
+def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name=config_name):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+            # `${hydra:...}` interpolations (launcher=slurm's device count) need the hydra node set.
+            HydraConfig.instance().set_config(cfg)
+            return cfg
+    except MissingConfigException as error:
+        raise ConfigError(_missing_option(config_dir, error)) from None
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_composition_error(config_dir, config_name, overrides, error)) from None
+
+
+def _missing_option(config_dir: Path, error: Exception) -> str:
+    text = str(error)
+    match = re.search(r"Could not (?:find|load) '(.+)/([^/']+)'", text)
+    if not match:
+        return _first_line(error)
+    group, option = match.groups()
+    options = group_options(config_dir, group)
+    if options is None:  # a group of Hydra's own (hydra/launcher, hydra/sweeper) or of a plugin
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.MULTILINE)
+    options = [o for o in options if not (group == "model" and o == "base")]
+    return f"{group}={option} is not an option of the {group} config group{_did_you_mean(option, options)}; " \
+           f"choose one of: {', '.join(options)}"
+
+
+def _composition_error(config_dir: Path, config_name: str, overrides: list[str], error: Exception) -> str:
+    text = str(error)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match:
+        key = match.group(1)
+        override = next((o for o in overrides if o.split("=", 1)[0] == key), key)
+        rest = [o for o in overrides if o != override]
+        try:
+            known = _flat_keys(_compose(config_dir, config_name, rest))
+        except ConfigError:
+            known = []
+        return f"{override}: there is no config key {key!r}{_did_you_mean(key, known)}; " \
+               f"to add a new key write +{override}"
+    match = re.search(r"An item is already at '([^']+)'", text)
+    if match:
+        return f"{match.group(1)} already exists: drop the leading + to change it (++ adds or changes)"
+    match = re.search(r"Ambiguous value for argument '([^']+)'", text)
+    if match:
+        return f"{match.group(1)} lists several values: add -m to sweep over them, or write a list as [a,b]"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _flat_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        node = cfg._get_node(key)
+        keys.append(f"{prefix}{key}")
+        if isinstance(node, DictConfig):
+            keys.extend(_flat_keys(node, f"{prefix}{key}."))
+    return keys
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
