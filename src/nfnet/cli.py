@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +31,29 @@ Check = Callable[[DictConfig, bool], None]
 def fail(message: str) -> None:
     print(f"config error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_entry_point(script: str, config_name: str, task: str, check: Check) -> None:
+    """The whole of eval.py, predict.py and export.py: check the command line, then run
+    `nfnet.tasks.<task>` under Hydra with `conf/<config_name>.yaml`. (train.py has its own body:
+    it also returns the optimized metric to sweepers.)"""
+    import hydra
+
+    root = Path(script).resolve().parent
+    os.environ.setdefault("NFNET_ROOT", str(root))
+    # Bad overrides are reported in one line before Hydra creates a run directory.
+    precheck(root / "conf", config_name, check)
+
+    @hydra.main(version_base="1.3", config_path=str(root / "conf"), config_name=config_name)
+    def main(cfg: DictConfig) -> None:
+        from nfnet import tasks  # Lightning is imported only once the command line is known good
+
+        try:
+            getattr(tasks, task)(cfg)
+        except ConfigError as error:
+            fail(str(error))
+
+    main()
 
 
 def precheck(config_dir: str | Path, config_name: str, check: Check | None = None, argv: list[str] | None = None) -> None:

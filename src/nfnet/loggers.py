@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import hydra
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from nfnet.callbacks import WANDB_RUN_KEY
@@ -94,18 +95,21 @@ def _multirun_job_name() -> str | None:
 def _wandb_logger(cfg: DictConfig, node: DictConfig):
     mode, reason = wandb_mode(node.get("mode"))
     overrides: dict[str, Any] = {"mode": mode}
-    if reason:
+    # Every DDP process builds its loggers; only rank zero writes the run, so only it says so.
+    if reason and rank_zero_only.rank == 0:
         run_dir = os.path.join(str(node.get("save_dir") or "."), "wandb")
         dropped = " (log_model is off: checkpoints cannot be uploaded offline)" if node.get("log_model") else ""
         log.warning(
             "wandb: %s, so this run is logged offline in %s%s; upload it later with: wandb sync %s",
             reason, run_dir, dropped, os.path.join(run_dir, "offline-run-*"),
         )
+    if reason:
         overrides["log_model"] = False
     if node.get("id") is None:
         run_id = resumed_run_id(cfg)
-        if run_id:
+        if run_id and rank_zero_only.rank == 0:
             log.info("wandb: continuing run %s, which wrote the checkpoint being resumed", run_id)
+        if run_id:
             overrides["id"] = run_id
     if node.get("name") is None:
         overrides["name"] = _multirun_job_name()

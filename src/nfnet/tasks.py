@@ -19,14 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from nfnet.config import (
-    check_config,
-    check_eval_config,
-    check_export_config,
-    check_predict_config,
-    export_formats,
-    per_device_batch_size,
-)
+from nfnet.config import check_config, per_device_batch_size
 from nfnet.data.datamodule import ImageDataModule
 from nfnet.module import NFNetClassifier
 
@@ -130,7 +123,11 @@ def _finish_loggers(loggers: list[Any], status: str) -> None:
 
 def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as loggers show it: one column per top-level group (model.name, ...)."""
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg
+        if key != "hydra"  # present only in composed test configs; Hydra's own settings, not the run's
+    }
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
@@ -200,6 +197,7 @@ def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- eval / predict / export
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Top-1/top-5 and loss of one weight set on one split; prints a table and writes JSON."""
+    from nfnet.entry_checks import check_eval_config
     from nfnet.inference import eval_dataset, load_classifier, print_table
 
     check_eval_config(cfg)
@@ -233,6 +231,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def predict(cfg: DictConfig) -> int:
     """Top-k classes for an image, a folder, a video or a camera; JSON or CSV. Returns the row count."""
+    from nfnet.entry_checks import check_predict_config
     from nfnet.inference import iter_inputs, load_classifier, predict_rows, write_rows
 
     check_predict_config(cfg)
@@ -254,6 +253,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """ONNX / torch.export programs (EMA weights, weight standardization folded into plain convs)
     and/or the weights as safetensors, each checked against the checkpoint's own logits."""
     from nfnet.deploy import export_classifier
+    from nfnet.entry_checks import check_export_config, export_formats
     from nfnet.inference import load_classifier, print_table
 
     check_export_config(cfg)

@@ -1,0 +1,137 @@
+"""Bad overrides are refused before any work starts, each with one line naming key, value and
+what is allowed, and no traceback; good values pass the same checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_train
+from nfnet.config import (
+    AUGMENTS,
+    SOURCES,
+    ConfigError,
+    check_config,
+    devices_per_node,
+    per_device_batch_size,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "/nonexistent/nfnet-test"
+
+# (overrides, what the one line must say). Each runs `python train.py <overrides>` as typed.
+CASES = {
+    "unknown model option": (["model=nfnet_f9"], ["model=nfnet_f9", "choose one of", "nfnet_f0", "nfnet_tiny"]),
+    "unknown model name": (["model.name=nfnet_f9"], ["model.name='nfnet_f9'", "nfnet_f7plus"]),
+    "zero lambda": (["optim.agc.clipping=0"], ["optim.agc.clipping=0", "> 0", "null to disable AGC"]),
+    "negative lambda": (["optim.agc.clipping=-0.01"], ["optim.agc.clipping=-0.01", "> 0"]),
+    "wrong type": (["data.batch_size=abc"], ["data.batch_size='abc'", "integer >= 1"]),
+    "wrong type of a float": (["optim.base_lr=fast"], ["optim.base_lr='fast'", "number > 0"]),
+    "batch not divisible by devices": (
+        ["trainer=ddp_cpu", "data.global_batch_size=101"],
+        ["data.global_batch_size=101", "not divisible", "2 replicas", "multiple of 2"],
+    ),
+    "size breaks the official padding": (["data.train_size=100"], ["data.train_size=100", "padding", "96 or 128"]),
+    "test size breaks the official padding": (["data.test_size=250"], ["data.test_size=250", "multiples of 32"]),
+    "dataset root not given": (["data=imagefolder"], ["data.root is required", "data=imagefolder"]),
+    "dataset root missing": (["data=imagenet", f"data.root={MISSING}"], [f"data.root='{MISSING}'", "does not exist"]),
+    "unknown augment option": (["augment=fancy"], ["augment=fancy", "choose one of: basic", "official"]),
+    "unknown augment name": (["augment.name=fancy"], ["augment.name='fancy'", "official, basic, none"]),
+    "bad RandAugment level": (["augment=official", "augment.ra_level=-5"], ["augment.ra_level=-5", "405"]),
+    "unknown trainer option": (["trainer=tpu_v9"], ["trainer=tpu_v9", "ddp_cpu", "gpu"]),
+    "unknown accelerator": (["trainer.accelerator=quantum"], ["trainer.accelerator='quantum'", "cpu, gpu"]),
+    "unknown precision": (["trainer.precision=fp8"], ["trainer.precision='fp8'", "bf16-mixed"]),
+    "unknown key": (["optim.agc.clip=0.1"], ["optim.agc.clip", "did you mean optim.agc.clipping", "+optim.agc.clip=0.1"]),
+    "label smoothing out of range": (["optim.label_smoothing=1.5"], ["optim.label_smoothing=1.5", "[0, 1)"]),
+    "EMA decay out of range": (["optim.ema.decay=1.0"], ["optim.ema.decay=1.0", "(0, 1)", "null to disable EMA"]),
+    "seed not an integer": (["seed=abc"], ["seed='abc'", "integer"]),
+    "checkpoint missing": ([f"ckpt_path={MISSING}.ckpt"], [f"ckpt_path='{MISSING}.ckpt'", "not a file"]),
+    "finetune without weights": (
+        ["experiment=finetune", f"data.root={ROOT}"],
+        ["model.pretrained is required", "model.pretrained=<value>"],
+    ),
+    "one bad job of a sweep": (["-m", "optim.agc.clipping=0.01,-1"], ["optim.agc.clipping=-1", "> 0"]),
+    "unknown logger option": (["logger=wandbb"], ["logger=wandbb", "did you mean wandb"]),
+}
+if not torch.cuda.is_available():
+    CASES["GPU trainer without a GPU"] = (["trainer=gpu"], ["trainer.accelerator='gpu'", "no CUDA GPU", "trainer=cpu"])
+
+
+def _run(overrides: list[str], log_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides, f"paths.log_dir={log_dir}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+    """Every case run once, two at a time (most of each run is importing torch)."""
+    log_dirs = {name: tmp_path_factory.mktemp("logs") for name in CASES}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_run, overrides, log_dirs[name]) for name, (overrides, _) in CASES.items()}
+        return {name: (future.result(), log_dirs[name]) for name, future in futures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_override_is_one_clear_line(case, refused):
+    result, log_dir = refused[case]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("config error: "), result.stderr
+    for needle in CASES[case][1]:
+        assert needle in lines[0]
+    # Refused before any work: no run directory, no output at all.
+    assert not any(log_dir.iterdir())
+    assert result.stdout == ""
+
+
+def test_at_least_fifteen_cases():
+    assert len(CASES) >= 15
+
+
+def test_validation_constants_match_the_datamodule():
+    from nfnet.data import datamodule
+
+    assert SOURCES == datamodule.SOURCES and AUGMENTS == datamodule.AUGMENTS
+
+
+def test_global_batch_is_split_over_devices_nodes_and_accumulation():
+    cfg = compose_train(["trainer=ddp_cpu", "data.global_batch_size=64", "trainer.accumulate_grad_batches=4"])
+    assert per_device_batch_size(cfg) == 64 // (2 * 4)
+    check_config(cfg)
+    cfg = compose_train(["trainer=ddp_cpu", "trainer.num_nodes=3", "data.global_batch_size=64"])
+    with pytest.raises(ConfigError, match="6 replicas"):
+        check_config(cfg)
+    # Without a global batch, data.batch_size is per device.
+    assert per_device_batch_size(compose_train(["data.batch_size=24"])) == 24
+
+
+@pytest.mark.parametrize(
+    "devices,count", [(1, 1), (3, 3), ("2", 2), ("0,1", 2), ([0, 2, 3], 3), ("auto", 1), (-1, 1)]
+)
+def test_device_count_as_lightning_reads_it(devices, count):
+    cfg = compose_train([f"trainer.devices={devices!r}" if isinstance(devices, str) else f"trainer.devices={devices}"])
+    assert devices_per_node(cfg.trainer) == count
+
+
+def test_a_sweep_on_gpus_is_checked_portably_on_a_machine_without_them():
+    # On a SLURM login node `devices: auto` counts no GPU; the jobs will count theirs.
+    cfg = compose_train(["trainer=ddp", "data.global_batch_size=4096"])
+    check_config(cfg, this_machine=False)
+
+
+def test_missing_files_are_only_checked_on_the_machine_that_runs_the_job():
+    cfg = compose_train(["data=imagenet", f"data.root={MISSING}", f"model.pretrained={MISSING}.npz"])
+    check_config(cfg, this_machine=False)
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        check_config(cfg)
