@@ -30,8 +30,9 @@ if [ ! -f "$_venv/.complete" ]; then
         _constraints=$_venv/constraints.txt
         printf '%s\n' "$_pins" > "$_constraints"
         # One resolve for everything, under the pins: the project's own dependencies (lightning
-        # 2.6 and torchmetrics accept torch 2.9) plus the test tools and torch-xla itself.
-        "$_venv/bin/python" -m pip install --quiet -c "$_constraints" -e "$_root[dev,tpu]" torch-xla
+        # 2.6 and torchmetrics accept torch 2.9) plus the test tools and torch-xla itself. Not
+        # the `tpu` extra: on a TPU VM that may also bring libtpu, which the CPU tests never load.
+        "$_venv/bin/python" -m pip install --quiet -c "$_constraints" -e "$_root[dev]" torch-xla
         "$_venv/bin/python" - <<'PY'
 import torch, torch_xla  # fail the build here rather than in the first test
 assert torch.__version__.startswith("2.9."), torch.__version__

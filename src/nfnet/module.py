@@ -218,7 +218,7 @@ class NFNetClassifier(pl.LightningModule):
         ema_params = list(self.ema_net.parameters())
         if on_xla(ema_params[0]):  # per-step Python floats can force XLA recompiles (see nfnet.xla)
             weight = ema_weights_on_device(
-                self, self.global_step - 1, self.hparams.ema_decay, len(ema_params), ema_params[0].device
+                self.global_step - 1, self.hparams.ema_decay, len(ema_params), ema_params[0].device
             )
         else:
             weight = 1.0 - ema_decay(self.global_step - 1, self.hparams.ema_decay)
