@@ -1,6 +1,6 @@
 """Throughput of one data-loader worker: the official NFNet train pipeline vs torchvision v2.
 
-    PYTHONPATH=src python benchmarks/data.py [--ra 405] [--batch 32] [--batches 8]
+    PYTHONPATH=src python benchmarks/data.py [--ra 405] [--batch 32] [--batches 15]
 
 One process, one thread (``torch.set_num_threads(1)``), as inside a DataLoader worker. Both
 pipelines read the same generated 500x375 JPEGs (written with ``torchvision.io.encode_jpeg``
@@ -15,9 +15,10 @@ into a temp dir) and decode them with the same ``torchvision.io`` decoder:
 
 The official recipe reads two raw images per training example (NFNET_SPEC §4.3) and
 torchvision's mixing reads one, so both rates are reported: raw images/s (decoded, cropped
-and augmented per second) and training examples/s. Batches of the two pipelines alternate so
-that load from other processes hits both alike. Prints a markdown table and writes it to
-benchmarks/results/data.md.
+and augmented per second) and training examples/s. Batches of the two pipelines alternate
+(which one goes first alternates too) so that load from other processes hits both alike, and
+every figure is the median over the timed rounds, which discards rounds that another process
+slowed down. Prints a markdown table and writes it to benchmarks/results/data.md.
 """
 
 from __future__ import annotations
@@ -59,13 +60,26 @@ def make_jpegs(folder: Path, n: int, height: int = 375, width: int = 500) -> lis
 
 
 class Timer:
+    """Per-stage seconds of each timed batch; medians over the batches."""
+
     def __init__(self):
         self.t = dict.fromkeys(STAGES, 0.0)
+        self.rounds: list[dict[str, float]] = []
 
     def add(self, stage: str, start: float) -> float:
         now = time.perf_counter()
         self.t[stage] += now - start
         return now
+
+    def next_round(self) -> None:
+        self.rounds.append(self.t)
+        self.t = dict.fromkeys(STAGES, 0.0)
+
+    def median(self, stage: str) -> float:
+        return statistics.median(r[stage] for r in self.rounds)
+
+    def median_total(self) -> float:
+        return statistics.median(sum(r.values()) for r in self.rounds)
 
 
 def official_batch(paths, crop, ra, num_classes, timer):
@@ -102,7 +116,7 @@ def main() -> None:
     ap.add_argument("--ra", type=int, default=405, help="official RandAugment level (405 = 4x5)")
     ap.add_argument("--size", type=int, default=224, help="train resolution")
     ap.add_argument("--batch", type=int, default=32, help="training examples per batch (B)")
-    ap.add_argument("--batches", type=int, default=8, help="timed batches per pipeline")
+    ap.add_argument("--batches", type=int, default=15, help="timed batches per pipeline")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.md"))
     args = ap.parse_args()
@@ -129,36 +143,43 @@ def main() -> None:
         official_batch(paths, ours_crop, ours_ra, k, Timer())
         torchvision_batch(paths[:b], tv_crop, tv_ra, tv_mix, k, Timer())
         for i in range(args.batches):
-            official_batch(paths, ours_crop, ours_ra, k, ours_t)  # 2B raw -> B examples
             # torchvision: B raw -> B examples; alternate halves so both read every file.
             half = paths[:b] if i % 2 == 0 else paths[b:]
-            torchvision_batch(half, tv_crop, tv_ra, tv_mix, k, tv_t)
+            runs = [
+                lambda: official_batch(paths, ours_crop, ours_ra, k, ours_t),  # 2B raw -> B
+                lambda: torchvision_batch(half, tv_crop, tv_ra, tv_mix, k, tv_t),
+            ]
+            for run in runs if i % 2 == 0 else runs[::-1]:
+                run()
+            ours_t.next_round()
+            tv_t.next_round()
 
-    n_ex = args.batches * b
     rows = []
     pipelines = (("official (this project)", ours_t, 2), ("torchvision v2", tv_t, 1))
     for name, timer, raw_per_ex in pipelines:
-        total = sum(timer.t.values())
+        total = timer.median_total() / b  # seconds per training example
         rows.append({
             "name": name,
             "raw": raw_per_ex,
-            # per training example, ms
-            **{s: timer.t[s] / n_ex * 1e3 for s in STAGES},
-            "total": total / n_ex * 1e3,
-            "ex_s": n_ex / total,
-            "raw_s": n_ex * raw_per_ex / total,
+            # per training example, ms (median batch / B)
+            **{s: timer.median(s) / b * 1e3 for s in STAGES},
+            "total": total * 1e3,
+            "ex_s": 1 / total,
+            "raw_s": raw_per_ex / total,
         })  # fmt: skip
     ours, tv = rows
     lines = [
         f"# Data pipeline throughput, one worker process (1 thread)",
         "",
         f"RandAugment {layers}x{mag}, train size {args.size}, {2 * b} generated 500x375 JPEGs "
-        f"(mean {jpeg_kb:.0f} KiB), B = {b}, {args.batches} timed batches per pipeline. "
+        f"(mean {jpeg_kb:.0f} KiB), B = {b}, {args.batches} timed batches per pipeline "
+        "(interleaved; medians). "
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{platform.processor() or platform.machine()}.",
         "",
-        "Times are ms per training example (the official recipe decodes and crops 2 raw "
-        "images per example, torchvision's batch mixing 1).",
+        "Times are ms per training example, each the median over the timed batches (the "
+        "official recipe decodes and crops 2 raw images per example, torchvision's batch "
+        "mixing 1); the total is the median batch total, so stages need not add up to it.",
         "",
         "| pipeline | raw img / example | decode | crop+resize | mix | RandAugment | total ms "
         "| raw images/s | examples/s |",
@@ -179,7 +200,8 @@ def main() -> None:
         "Stage ratios are torchvision time / official time per training example (> 1: ours is "
         "faster). Per raw image, the official crop+resize costs "
         f"{ours['crop+resize'] / 2:.2f} ms vs torchvision's {tv['crop+resize']:.2f} ms (TF's "
-        "bicubic kernel, computed here, vs torchvision's native uint8 bilinear), and its "
+        "bicubic kernel as banded float32 matmuls vs torchvision's native uint8 bilinear), "
+        "and its "
         f"RandAugment {ours['RandAugment']:.2f} ms vs {tv['RandAugment']:.2f} ms per augmented "
         "image.",
     ]

@@ -200,3 +200,18 @@ def test_collate_mixes_then_augments():
     mixed, _ = mixup_cutmix(raw, torch.tensor([y for _, y in batch]), 5)
     assert len(seen) == 4 and all(s.dtype == torch.uint8 for s in seen)
     assert torch.equal(torch.stack(seen), mixed) and torch.equal(images, 255 - mixed)
+
+
+def test_uint8_blend_table_is_the_float32_formula_for_every_pair():
+    # The CPU uint8 MixUp looks pixels up in a table; for all 65536 (a, b) pairs it must equal
+    # the official float32 `ratio * a + (1 - ratio) * b`, clipped and truncated.
+    import nfnet.data.mixing as mixing
+
+    a = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 256)
+    b = torch.arange(256, dtype=torch.uint8).view(1, 256).expand(256, 256)
+    a, b = a.reshape(1, 1, 256, 256).contiguous(), b.reshape(1, 1, 256, 256).contiguous()
+    for lam in (0.0, 1e-8, 0.1, 1 / 3, 0.5, 0.7311, 0.999999, 1.0):
+        lam_t = torch.tensor([lam], dtype=torch.float32)
+        direct = a.float() * lam_t + b.float() * (1 - lam_t)
+        expect = direct.clamp(0, 255).to(torch.uint8)
+        assert torch.equal(mixing._blend(a, b, lam_t), expect)

@@ -213,3 +213,64 @@ def test_channels_last_input_same_result():
         assert a.is_contiguous() and (a.int() - b.int()).abs().max() <= 1
     e1, e2 = ResizeCropEval(8, pad=4)(chw_view), ResizeCropEval(8, pad=4)(chw)
     assert (e1.int() - e2.int()).abs().max() <= 1
+
+
+def _reference_resize(img, out_h, out_w):
+    """TF's half-pixel bicubic resize written out per output pixel in float64 (no taps tables,
+    no matmuls): 4x4 source pixels, Keys' kernel at the 1/1024-quantised offset, taps outside the
+    image dropped and the rest renormalised per axis; rounded and clamped to uint8."""
+    import numpy as np
+
+    def axis(in_size, out_size):
+        scale = np.float32(in_size / out_size)  # TF's scaler is float32
+        taps = []
+        for i in range(out_size):
+            pos = (np.float32(i) + np.float32(0.5)) * scale - np.float32(0.5)
+            base = math.floor(pos)
+            frac = float(np.round(np.float32(pos - np.float32(base)) * 1024)) / 1024
+            pairs = [(base + k, keys(k - frac)) for k in (-1, 0, 1, 2) if 0 <= base + k < in_size]
+            total = sum(w for _, w in pairs)
+            taps.append([(s, w / total) for s, w in pairs])
+        return taps
+
+    c, h, w = img.shape
+    ys, xs = axis(h, out_h), axis(w, out_w)
+    src = img.double().tolist()
+    out = torch.empty(c, out_h, out_w, dtype=torch.uint8)
+    for ch in range(c):
+        for i, ty in enumerate(ys):
+            for j, tx in enumerate(xs):
+                v = sum(wy * wx * src[ch][sy][sx] for sy, wy in ty for sx, wx in tx)
+                out[ch, i, j] = min(max(round(v), 0), 255)
+    return out
+
+
+@pytest.mark.parametrize(
+    "in_hw, out_hw",
+    [
+        ((13, 17), (8, 11)),
+        ((5, 7), (12, 9)),
+        ((40, 31), (9, 16)),
+        ((6, 6), (6, 6)),
+        ((3, 50), (7, 4)),
+    ],
+)
+def test_resize_matches_an_independent_reference(in_hw, out_hw):
+    g = torch.Generator().manual_seed(in_hw[0] * 100 + out_hw[1])
+    hwc = torch.randint(0, 256, (*in_hw, 3), dtype=torch.uint8, generator=g)
+    expect = _reference_resize(hwc.permute(2, 0, 1), *out_hw)
+    for img in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):  # both layouts
+        out = resize_bicubic(img, out_hw)
+        diff = (out.int() - expect.int()).abs()
+        # float32 vs float64 sums may land on either side of a .5 only rarely.
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    # A box crops first; an output window returns that part of the full resize.
+    box = (1, 2, in_hw[0] - 1, in_hw[1] - 2)
+    sub = hwc.permute(2, 0, 1)[:, 1:, 2:]
+    out = resize_bicubic(hwc.permute(2, 0, 1), out_hw, box=box)
+    assert (out.int() - _reference_resize(sub, *out_hw).int()).abs().max() <= 1
+    window = (out_hw[0] // 3, 1, out_hw[0] - out_hw[0] // 3, out_hw[1] - 1)
+    top, left, wh, ww = window
+    win = resize_bicubic(hwc.permute(2, 0, 1), out_hw, out_window=window)
+    assert win.shape == (3, wh, ww)
+    assert (win.int() - expect[:, top : top + wh, left : left + ww].int()).abs().max() <= 1

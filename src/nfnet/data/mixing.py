@@ -16,8 +16,10 @@ with ``[B:2B]``), as the official ``my_mixup``/``my_cutmix`` do.
 Odd B (the official code would silently drop an example): ``ceil(B/2)`` MixUp and
 ``floor(B/2)`` CutMix outputs, keeping the same raw-image layout.
 
-Everything is batched, mask-based and shape-static (no data-dependent slicing), so it runs
-unchanged on CPU uint8 batches in a collate function and on accelerator tensors, XLA included.
+Everything is mask-based and shape-static (no data-dependent slicing), so it runs unchanged on
+CPU uint8 batches in a collate function and on accelerator tensors, XLA included. On CPU uint8
+(the loader workers) MixUp looks each pair up in a per-example table of all 256 x 256 results
+and CutMix selects in integer arithmetic instead of ``torch.where``: the same bytes, faster.
 Random draws are made on the CPU (torch's global RNG or ``generator``) and moved to the
 images' device, so results do not depend on the device and DataLoader worker seeding makes
 them reproducible.
@@ -82,7 +84,21 @@ def cutmix_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (in_y[:, :, None] & in_x[:, None, :])[:, None]
 
 
+_U8_VALUES = torch.arange(256, dtype=torch.float32)
+
+
+def _blend_uint8_table(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """:func:`_blend` of one uint8 CPU pair via a 256 x 256 table of every (a, b) result: the
+    same float32 operations on the same operands, so the same bytes, ~2x faster on CPU."""
+    table = (_U8_VALUES.view(256, 1) * lam) + (_U8_VALUES.view(1, 256) * (1 - lam))
+    table = table.clamp_(0, 255).to(torch.int32).to(torch.uint8).view(-1)
+    idx = a.to(torch.int32).mul_(256).add_(b)
+    return table.index_select(0, idx.view(-1)).view(a.shape)
+
+
 def _blend(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    if a.dtype == torch.uint8 and a.device.type == "cpu" and lam.device.type == "cpu":
+        return torch.stack([_blend_uint8_table(x, y, l) for x, y, l in zip(a, b, lam)])
     lam = lam.view(-1, 1, 1, 1)
     if a.is_floating_point():
         return lam.to(a.dtype) * a + (1 - lam).to(a.dtype) * b
@@ -91,7 +107,17 @@ def _blend(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     # Same float32 operations as the official `ratio * a + (1 - ratio) * b`, done in place.
     out = a.to(torch.float32).mul_(lam)
     out.add_(b.to(torch.float32).mul_(1 - lam))
-    return out.clamp_(0, 255).to(a.dtype)
+    # Truncation through int32: the same values as a direct float -> uint8 cast, and several
+    # times faster on CPU.
+    return out.clamp_(0, 255).to(torch.int32).to(a.dtype)
+
+
+def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, a, b)``; for integer images as ``b + mask * (a - b)``, exact in
+    wrap-around integer arithmetic and much faster than ``torch.where`` on CPU uint8."""
+    if a.is_floating_point() or a.dtype == torch.bool:
+        return torch.where(mask, a, b)
+    return (a - b).mul_(mask.to(a.dtype)).add_(b)
 
 
 def mixup_cutmix(
@@ -140,7 +166,7 @@ def mixup_cutmix(
         area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
         lam = (area.to(torch.float32) / (h * w)).to(dev, non_blocking=True)
         mask = cutmix_masks(boxes.to(dev, non_blocking=True), h, w)
-        outs.append(torch.where(mask, images[a_], images[b_]))
+        outs.append(_select(mask, images[a_], images[b_]))
         lams.append(lam)
         firsts.append(a_)
         seconds.append(b_)

@@ -27,10 +27,20 @@ differently, the result differs by at most one grey level: Color's grey image is
 (TF quantises it to uint8 first), Sharpness rounds its blurred image (TF truncates).
 AutoContrast is written out in TF's form, because torchvision's ``(x - lo) / ((hi - lo) / 255)``
 often maps the brightest pixel to 254 instead of 255.
+
+Speed (these ops run once per layer per training example, in the loader workers): pointwise ops
+(AutoContrast, Equalize, Solarize, SolarizeAdd) compute their result for the 256 possible values
+and look the image up in that table, and the nearest-neighbour warps (Rotate, ShearX/Y) gather
+pixels through a source-index map made once per image size by running the same torchvision op
+on an image of pixel indices. Both give exactly the pixels of the direct computation (a
+pointwise op is its table; nearest sampling copies a source pixel, or the fill, chosen by the
+geometry alone), several times faster than float conversions, ``torch.where`` and
+``grid_sample`` on every image.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -95,6 +105,59 @@ def cutout_pad(m: float, cutout_const: int = CUTOUT_CONST) -> int:
     return int((m / MAX_LEVEL) * cutout_const)
 
 
+# ---- fast paths: lookup tables and cached warp maps -----------------------------------------
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float already clipped to [0, 255] -> uint8 by truncation, as TF's cast. Via int32: the
+    same values, and several times faster than torch's direct float -> uint8 conversion."""
+    return x.to(torch.int32).to(torch.uint8)
+
+
+def apply_lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``lut[c, img[..., c, h, w]]`` for a uint8 (C, 256) table (or (256,), all channels)."""
+    idx = img.to(torch.int32)
+    if lut.dim() == 2:
+        c = img.shape[-3]
+        idx += (torch.arange(c, dtype=torch.int32) * 256).view(c, 1, 1)
+    return lut.reshape(-1).index_select(0, idx.view(-1)).view(img.shape)
+
+
+_U8_VALUES = torch.arange(256, dtype=torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _warp_index(channels: int, height: int, width: int, kind: str, arg: float) -> torch.Tensor:
+    """Flat source index (C*H*W,) int32 of a nearest-neighbour warp; C*H*W means "the fill".
+
+    Made by warping an image whose values are their own pixel indices with the very op used
+    for uint8 images (same geometry, same grid), with fill -1 marking pixels from outside.
+    """
+    hw = height * width
+    index_img = torch.arange(hw, dtype=torch.float32).view(1, height, width)
+    if kind == "rotate":
+        src = _rotate_tv(index_img, arg, fill=-1.0)
+    else:
+        src = _shear_tv(index_img, arg, kind[-1], fill=-1.0)
+    src = src.reshape(-1).to(torch.int64)
+    per_channel = src.view(1, hw) + (torch.arange(channels) * hw).view(channels, 1)
+    idx = torch.where(src.view(1, hw) >= 0, per_channel, torch.tensor(channels * hw))
+    return idx.view(-1).to(torch.int32)
+
+
+def _warp(img: torch.Tensor, kind: str, arg: float) -> torch.Tensor:
+    c, h, w = img.shape[-3:]
+    if h * w > 2**24:  # float32 pixel indices stop being exact: warp the image itself
+        return _rotate_tv(img, arg) if kind == "rotate" else _shear_tv(img, arg, kind[-1])
+    idx = _warp_index(c, h, w, kind, float(arg))
+    n = img.numel() // (c * h * w)
+    src = torch.cat([img.reshape(n, c * h * w), img.new_full((n, 1), FILL)], dim=1)
+    if n > 1:
+        # One gather for the whole batch: offset each image's indices by its row.
+        idx = (idx.view(1, -1) + (torch.arange(n, dtype=torch.int32) * (c * h * w + 1)).view(n, 1))
+    return src.view(-1).index_select(0, idx.view(-1)).view(img.shape)
+
+
 # ---- the ops (uint8 (..., 3, H, W) in and out) ------------------------------------------------
 
 
@@ -106,28 +169,60 @@ def blend(degenerate: torch.Tensor, img: torch.Tensor, factor: float) -> torch.T
         return img
     d = degenerate.to(torch.float32)
     out = d + factor * (img.to(torch.float32) - d)
-    return out.clamp_(0.0, 255.0).to(torch.uint8)
+    return _to_uint8(out.clamp_(0.0, 255.0))
+
+
+def _autocontrast_values(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    # float32 in TF's order: x * (255 / (hi - lo)) + (-lo * scale), then clip and truncate.
+    scale = 255.0 / (hi - lo)
+    out = _to_uint8((x * scale + (-lo * scale)).clamp_(0.0, 255.0))
+    return torch.where(hi > lo, out, x.to(torch.uint8))
 
 
 def autocontrast(img: torch.Tensor) -> torch.Tensor:
     """Per-channel stretch of [lo, hi] to [0, 255]; a constant channel is left unchanged."""
-    x = img.to(torch.float32)
-    lo = x.amin(dim=(-2, -1), keepdim=True)
-    hi = x.amax(dim=(-2, -1), keepdim=True)
-    # float32 in TF's order: x * (255 / (hi - lo)) + (-lo * scale), then clip and truncate.
-    scale = 255.0 / (hi - lo)
-    out = (x * scale + (-lo * scale)).clamp_(0.0, 255.0).to(torch.uint8)
-    return torch.where(hi > lo, out, img)
+    lo = img.amin(dim=(-2, -1), keepdim=True).to(torch.float32)
+    hi = img.amax(dim=(-2, -1), keepdim=True).to(torch.float32)
+    if img.dim() == 3:
+        # The same float32 formula on the 256 possible values, then a table lookup.
+        values = _U8_VALUES.to(torch.float32).view(1, 256)
+        return apply_lut(img, _autocontrast_values(values, lo.view(-1, 1), hi.view(-1, 1)))
+    return _autocontrast_values(img.to(torch.float32), lo, hi)
+
+
+def equalize(img: torch.Tensor) -> torch.Tensor:
+    """Per-channel histogram equalization with PIL's rule (as torchvision's ``equalize``):
+    ``step = (count - count(max value)) // 255``, ``lut[v] = (count(< v) + step // 2) // step``;
+    a channel with ``step == 0`` is left unchanged."""
+    if img.dim() != 3:
+        return F.equalize(img)
+    c, h, w = img.shape
+    idx = img.reshape(c, h * w).to(torch.int32)
+    idx += (torch.arange(c, dtype=torch.int32) * 256).view(c, 1)
+    hist = torch.bincount(idx.view(-1), minlength=256 * c).view(c, 256)
+    cum = hist.cumsum(1)
+    last = hist.gather(1, (cum.argmax(1, keepdim=True)))  # count of the top value present
+    step = (h * w - last) // 255
+    lut = (cum[:, :-1] + step // 2) // step.clamp(min=1)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut.clamp(0, 255)], dim=1)
+    lut = torch.where(step > 0, lut, torch.arange(256).view(1, 256)).to(torch.uint8)
+    return lut.view(-1).index_select(0, idx.view(-1)).view(img.shape)
 
 
 def solarize(img: torch.Tensor, threshold: int) -> torch.Tensor:
     # torchvision rejects thresholds above 255; no uint8 pixel reaches them anyway.
-    return img if threshold > 255 else F.solarize(img, threshold)
+    if threshold > 255:
+        return img
+    return apply_lut(img, F.solarize(_U8_VALUES, threshold))
+
+
+def _solarize_add_values(x: torch.Tensor, addition: int, threshold: int) -> torch.Tensor:
+    added = (x.to(torch.int16) + addition).clamp_(0, 255).to(torch.uint8)
+    return torch.where(x < threshold, added, x)
 
 
 def solarize_add(img: torch.Tensor, addition: int, threshold: int = 128) -> torch.Tensor:
-    added = (img.to(torch.int16) + addition).clamp_(0, 255).to(torch.uint8)
-    return torch.where(img < threshold, added, img)
+    return apply_lut(img, _solarize_add_values(_U8_VALUES, addition, threshold))
 
 
 def posterize(img: torch.Tensor, bits: int) -> torch.Tensor:
@@ -156,12 +251,13 @@ def _enhance(op: Callable[[torch.Tensor, float], torch.Tensor]):
     return apply
 
 
-def rotate(img: torch.Tensor, degrees: float) -> torch.Tensor:
+def _rotate_tv(img: torch.Tensor, degrees: float, fill: float = FILL) -> torch.Tensor:
     # Nearest-neighbour about the image centre, like tfa.image.rotate's defaults.
-    return F.rotate(img, degrees, interpolation=InterpolationMode.NEAREST, fill=[FILL] * 3)
+    fills = [fill] * img.shape[-3]
+    return F.rotate(img, degrees, interpolation=InterpolationMode.NEAREST, fill=fills)
 
 
-def shear(img: torch.Tensor, level: float, axis: str) -> torch.Tensor:
+def _shear_tv(img: torch.Tensor, level: float, axis: str, fill: float = FILL) -> torch.Tensor:
     # Official: a projective transform mapping output (x, y) to input (x + level*y, y)
     # (ShearX) about pixel (0, 0). torchvision's affine with shear angle atan(level) and its
     # centre on the centre of pixel (0, 0) — (0.5, 0.5) in its coordinates — is that map.
@@ -169,8 +265,18 @@ def shear(img: torch.Tensor, level: float, axis: str) -> torch.Tensor:
     sh = [angle, 0.0] if axis == "x" else [0.0, angle]
     return F.affine(
         img, angle=0.0, translate=[0.0, 0.0], scale=1.0, shear=sh,
-        interpolation=InterpolationMode.NEAREST, fill=[FILL] * 3, center=[0.5, 0.5],
+        interpolation=InterpolationMode.NEAREST, fill=[fill] * img.shape[-3], center=[0.5, 0.5],
     )  # fmt: skip
+
+
+def rotate(img: torch.Tensor, degrees: float) -> torch.Tensor:
+    """torchvision's nearest ``rotate`` about the centre, fill 128 (via a cached index map)."""
+    return _warp(img, "rotate", degrees)
+
+
+def shear(img: torch.Tensor, level: float, axis: str) -> torch.Tensor:
+    """Shear about the top-left pixel, nearest, fill 128 (via a cached index map)."""
+    return _warp(img, "shear_" + axis, level)
 
 
 def translate(img: torch.Tensor, pixels: float, axis: str) -> torch.Tensor:
@@ -210,7 +316,7 @@ def cutout(img: torch.Tensor, pad: int, generator: Optional[torch.Generator] = N
 # DataLoader workers under any start method. ``sign`` (+-1) is used by the signed ops only.
 _OPS: dict[str, Callable[[torch.Tensor, "RandAugment", float], torch.Tensor]] = {
     "AutoContrast": lambda x, ra, s: autocontrast(x),
-    "Equalize": lambda x, ra, s: F.equalize(x),
+    "Equalize": lambda x, ra, s: equalize(x),
     "Invert": lambda x, ra, s: F.invert(x),
     "Rotate": lambda x, ra, s: rotate(x, s * rotate_degrees(ra.magnitude)),
     "Posterize": lambda x, ra, s: posterize(x, posterize_bits(ra.magnitude)),

@@ -96,27 +96,66 @@ def bicubic_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tenso
     return idx.clamp(0, in_size - 1), weights.to(torch.float32)
 
 
-def _resample_rows(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Resample dim -2 of ``x`` (..., H, W) to (..., n, W) float32 with (n, 4) taps."""
-    # Gather the 4 source rows of every output row (contiguous copies), cast only those to
-    # float, and let one batched matmul weight and sum them: much faster than a generic einsum
-    # or a strided gather along the last dimension.
-    n = idx.shape[0]
-    g = x.index_select(-2, idx.reshape(-1)).to(torch.float32).unflatten(-2, (n, 4))
-    return torch.matmul(w.view(n, 1, 4), g).squeeze(-2)
+# Output rows per band. Each band of output rows reads one contiguous window of about
+# ``band * in/out + 3`` source rows, so a pass is one batched matmul of small dense matrices
+# (zeros outside each output row's 4 taps) instead of many (1 x 4) products: ~3x the
+# multiply-adds at train-crop scales, in far fewer, larger BLAS blocks. 8 measured best among
+# 4, 8, 16 and 32 for 224 px crops of 500x375 images. Strong downscales (a large photo
+# squashed for eval) use narrower bands, down to 1 (4 taps, no wasted work), so the window
+# never grows past ~_BAND_TAPS source rows.
+_BAND = 8
+_BAND_TAPS = 16
 
 
-def _resample_dim0(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Resample dim 0 of ``x`` (L, ...) to (n, ...) float32; each line is one contiguous chunk."""
-    n = idx.shape[0]
-    g = x.index_select(0, idx.reshape(-1)).to(torch.float32)
-    rest = g.shape[1:]
-    return torch.matmul(w.view(n, 1, 4), g.view(n, 4, -1)).view(n, *rest)
+@functools.lru_cache(maxsize=4096)
+def _band_weights(
+    in_size: int, out_size: int, start: int = 0, count: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TF's taps for output pixels ``[start, start + count)`` as banded dense matrices.
+
+    Returns ``rows`` (n_bands * K,) source indices and ``weights`` (n_bands, band, K): band
+    ``b`` computes its outputs as ``weights[b] @ src[rows[b*K:(b+1)*K]]``. The weights are
+    exactly those of :func:`bicubic_taps` (each output row holds its 4 tap weights, summed where
+    clamped edge taps coincide, zeros elsewhere); padding rows of the last band are all zero.
+    Cached per size pair and window: callers must not modify the returned tensors.
+    """
+    idx, w = bicubic_taps(in_size, out_size)
+    count = out_size - start if count is None else count
+    idx, w = idx[start : start + count], w[start : start + count]
+    band = max(1, min(_BAND, int(_BAND_TAPS * out_size / in_size)))
+    n_bands = -(-count // band)
+    pad = n_bands * band - count
+    if pad:
+        # Padding rows repeat the last row's indices with zero weights (discarded later).
+        idx = torch.cat([idx, idx[-1:].expand(pad, 4)])
+        w = torch.cat([w, torch.zeros(pad, 4)])
+    idx, w = idx.view(n_bands, band, 4), w.view(n_bands, band, 4)
+    first = idx.amin(dim=(1, 2))
+    k = int((idx.amax(dim=(1, 2)) - first).max()) + 1
+    # Same window length K for every band (one batched matmul): shift windows that would run
+    # past the end back inside the image.
+    first = first.clamp(max=max(in_size - k, 0))
+    k = min(k, in_size)
+    rel = idx - first.view(-1, 1, 1)  # in [0, K)
+    dense = torch.zeros(n_bands, band, k, dtype=torch.float32)
+    dense.scatter_add_(2, rel, w)
+    rows = (first.view(-1, 1) + torch.arange(k)).reshape(-1)
+    return rows, dense
+
+
+def _resample_dim0(x: torch.Tensor, band: tuple[torch.Tensor, torch.Tensor], n: int):
+    """Resample dim 0 of ``x`` (L, ...), any dtype and strides, to (n, R) float32 (R = the
+    product of the other dims) with banded weights."""
+    rows, dense = band
+    n_bands, per_band, k = dense.shape
+    g = x.index_select(0, rows).to(torch.float32).view(n_bands, k, -1)
+    return torch.bmm(dense, g).view(n_bands * per_band, -1)[:n]
 
 
 def _round_to_uint8(x: torch.Tensor) -> torch.Tensor:
     # Rounded and clamped: TF keeps the unclamped float here (see the module docstring).
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+    # Through int32: the same values as a direct cast, several times faster on CPU.
+    return x.round_().clamp_(0, 255).to(torch.int32).to(torch.uint8)
 
 
 def resize_bicubic(
@@ -127,30 +166,30 @@ def resize_bicubic(
 ) -> torch.Tensor:
     """TF2 ``tf.image.resize(img[box], size, BICUBIC)`` of a uint8 (..., C, H, W) image -> uint8.
 
-    ``box = (top, left, height, width)`` crops the source first (a view, no copy);
-    ``out_window = (top, left, height, width)`` returns only that window of the resized image
-    (the eval centre crop needs only the middle of the resized image).
+    ``box = (top, left, height, width)`` crops the source first (a view, no copy), so only the
+    crop is read; ``out_window = (top, left, height, width)`` returns only that window of the
+    resized image (the eval centre crop needs only the middle of the resized image).
+
+    Separable: the height pass, then the width pass, each a banded matmul in float32 (see
+    :func:`_band_weights`); the intermediate stays float32, only the output is rounded.
     """
     if box is not None:
         top, left, h, w = box
         img = img[..., top : top + h, left : left + w]
-    iy, wy = bicubic_taps(img.shape[-2], size[0])
-    ix, wx = bicubic_taps(img.shape[-1], size[1])
-    if out_window is not None:
-        oy, ox, oh, ow = out_window
-        iy, wy, ix, wx = iy[oy : oy + oh], wy[oy : oy + oh], ix[ox : ox + ow], wx[ox : ox + ow]
-    if img.dim() == 3 and img.stride(0) == 1 and img.shape[0] > 1:
-        # Channels-last memory (torchvision's JPEG decoder returns its HWC buffer viewed as
-        # CHW): resample as HWC, where a source row is one contiguous run of W*C bytes.
-        hwc = img.permute(1, 2, 0)
-        rows = _resample_dim0(hwc, iy, wy)  # (S_h, w, C)
-        out_t = _resample_dim0(rows.transpose(0, 1).contiguous(), ix, wx)  # (S_w, S_h, C)
-        return _round_to_uint8(out_t).permute(2, 1, 0).contiguous()
-    rows = _resample_rows(img, iy, wy)
-    # Resample the width as rows of the transposed image (contiguous again for the gather),
-    # then transpose back on the 4x smaller uint8 tensor.
-    out_t = _resample_rows(rows.transpose(-1, -2).contiguous(), ix, wx)
-    return _round_to_uint8(out_t).transpose(-1, -2).contiguous()
+    in_h, in_w = img.shape[-2:]
+    oy, ox, oh, ow = out_window if out_window is not None else (0, 0, size[0], size[1])
+    lead = img.shape[:-2]
+    # Work as (H, W, rest): for torchvision's JPEG decoder output (an HWC buffer viewed as
+    # CHW) this is a free view in which a source row is one contiguous run of W*C bytes.
+    hwc = img.reshape(-1, in_h, in_w).permute(1, 2, 0)
+    c = hwc.shape[2]
+    rows = _resample_dim0(hwc.reshape(in_h, in_w * c), _band_weights(in_h, size[0], oy, oh), oh)
+    # The width pass resamples rows of the transposed intermediate (W, oh, C): a strided view,
+    # which the width pass's row gather reads directly (one copy instead of two).
+    cols = rows.view(oh, in_w, c).transpose(0, 1)
+    out_t = _resample_dim0(cols, _band_weights(in_w, size[1], ox, ow), ow)  # (ow, oh*C)
+    out = _round_to_uint8(out_t).view(ow, oh, c).permute(2, 1, 0)  # (C, oh, ow)
+    return out.contiguous().view(*lead, oh, ow)
 
 
 # ----------------------------------------------------------------------------------------------
