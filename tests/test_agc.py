@@ -219,14 +219,68 @@ def test_clipper_follows_gradients_that_come_and_go():
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=0)
 
 
+def _random_set(dtype=torch.float32) -> list[tuple[str, nn.Parameter]]:
+    """Conv, linear, gain, bias and scalar tensors with gradients around the threshold."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"stem.conv.weight": (8, 3, 3, 3), "stem.conv.gain": (8, 1, 1, 1), "stem.conv.bias": (8,),
+              "stages.0.0.conv.weight": (16, 8, 1, 1), "stages.0.0.skip_gain": (),
+              "stages.0.0.se.fc0.weight": (4, 16), "stages.0.0.se.fc0.bias": (4,), "stages.1.0.gain": (16,)}
+    out = []
+    for name, shape in shapes.items():
+        weight = torch.randn(shape, generator=gen)
+        # ||g_unit|| = s * 0.01 * ||w_unit|| (plus noise), s in [0.5, 1.5): about half clip.
+        units = shape[0] if len(shape) > 1 and sum(d != 1 for d in shape) > 1 else 1
+        s = (0.5 + torch.rand(units, generator=gen)).view((units,) + (1,) * (len(shape) - 1) if units > 1 else ())
+        grad = 0.01 * s * (weight + 0.01 * torch.randn(shape, generator=gen))
+        p = nn.Parameter(weight.to(dtype))
+        p.grad = grad.to(dtype)
+        out.append((name, p))
+    return out
+
+
+@pytest.mark.parametrize("keep", ["all", "rows only", "wholes only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_tensor_by_tensor_order_equals_the_batched_order_bit_for_bit(monkeypatch, keep, dtype):
+    """On CPU each weight tensor is scaled right after its norms; on CUDA/XLA all factors are
+    batched. Same arithmetic in another order: the results must be identical, not just close."""
+    from nfnet.optim import agc
+    from nfnet.optim.param_groups import stage_of
+
+    def run(interleave: bool):
+        monkeypatch.setattr(agc, "_INTERLEAVE_DEVICES", frozenset({"cpu"} if interleave else ()))
+        named = _random_set(dtype)
+        if keep != "all":
+            named = [(n, p) for n, p in named if (agc.unit_dims(p.shape) is None) == (keep == "wholes only")]
+        clipper = AdaptiveGradClipper(named, clipping=0.01, group_fn=stage_of)
+        assert clipper._plan_for(tuple([True] * len(named)), [p for _, p in named])[0][0].interleave is interleave
+        frac = clipper.clip_()
+        functional = _random_set(dtype)
+        functional = [p for n, p in functional if n in dict(named)]
+        functional_frac = adaptive_clip_grad_(functional, clipping=0.01)
+        return frac, clipper.last_group_fractions, [p.grad for _, p in named], functional_frac, [p.grad for p in functional]
+
+    interleaved, batched = run(True), run(False)
+    assert 0 < batched[0].item() < 1  # both branches of the rule are exercised
+    torch.testing.assert_close(interleaved[0], batched[0], rtol=0, atol=0)
+    torch.testing.assert_close(interleaved[1], batched[1], rtol=0, atol=0)
+    torch.testing.assert_close(interleaved[3], batched[3], rtol=0, atol=0)
+    for a, b in zip(interleaved[2] + interleaved[4], batched[2] + batched[4]):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
 def test_clipper_group_fn_needs_names():
     with pytest.raises(ValueError, match="named parameters"):
         AdaptiveGradClipper([nn.Parameter(torch.ones(2))], group_fn=str)
 
 
+@pytest.mark.parametrize("interleave", [True, False], ids=["cpu-order", "batched-order"])
 @pytest.mark.parametrize("backend", ["aot_eager"])
-def test_traces_as_one_graph_without_host_sync(backend):
-    """fullgraph=True fails on any graph break: .item(), `if tensor:`, data-dependent shapes."""
+def test_traces_as_one_graph_without_host_sync(backend, interleave, monkeypatch):
+    """fullgraph=True fails on any graph break: .item(), `if tensor:`, data-dependent shapes.
+    Both orders are traced: tensor by tensor (CPU) and batched (CUDA/XLA)."""
+    from nfnet.optim import agc
+
+    monkeypatch.setattr(agc, "_INTERLEAVE_DEVICES", frozenset({"cpu"} if interleave else ()))
     torch._dynamo.reset()
     params, expected = mixed_parameters()
 

@@ -19,13 +19,19 @@ Design, and why:
   and the result rounded once into the gradient's own dtype, in place.
 - Speed: AGC is memory bound (PRIOR_ART "What none of them has" §2). Every gradient is read
   twice and written once, every parameter read once, with no full-size temporaries: one
-  unit-wise norm per weight tensor, one ``_foreach_norm`` call for all whole-tensor units,
-  then all factors are computed at once on the concatenated norms and applied with a single
-  ``_foreach_mul_``. That is ~2 dispatches per weight tensor plus a handful, against ~7 per
-  tensor for a per-parameter loop (what costs on accelerators); on CPU the floor is memory
-  bandwidth. Rejected: stacking same-shape tensors (the stack is a full copy of the gradients:
-  more traffic, not less) and, after measuring, torch.compile of the whole function (same speed
-  on CPU, memory bound, after a warm-up of over a minute for F0; benchmarks/agc.py --compile).
+  unit-wise norm per weight tensor, one ``_foreach_norm`` call for all whole-tensor units.
+  On CUDA (and XLA) all factors are then computed at once on the concatenated norms and
+  applied with a single ``_foreach_mul_``: ~2 dispatches per weight tensor plus a handful,
+  against ~7 per tensor for a per-parameter loop, and launches are what costs there. On CPU
+  each weight tensor is scaled right after its two norms instead (a few more, cheap, small
+  ops per tensor): F0/F3 gradients are at most 18 MB (final_conv; 9 MB next), so the
+  multiply mostly re-reads them from a 32 MB last-level cache rather than from DRAM, one of
+  the four memory passes; measured 3-13%
+  less CPU time than the batched order on F0/F3 (benchmarks/results/agc.md). Rejected: stacking
+  same-shape tensors (the stack is a full copy of the gradients: more traffic, not less),
+  splitting big tensors into L2-sized row blocks (measured slower: more ops than the cache
+  saves) and, after measuring, torch.compile of the whole function (no steady gain on CPU,
+  memory bound, after a warm-up of 15-60 s for F0; benchmarks/agc.py --compile).
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ PAPER_CLIPPING = 0.01
 GRAD_NORM_FLOOR = 1e-6
 
 _NORM_DTYPE = torch.float32
+# Devices where tensor-by-tensor clipping (norms, then the multiply, per weight tensor) beats
+# batching every factor into one computation: there the multiply re-reads a gradient that is
+# still in cache, while one extra small op per tensor costs little. On CUDA, where a kernel
+# launch costs more than the cache saves, the factors stay batched (module docstring, Speed).
+_INTERLEAVE_DEVICES = frozenset({"cpu"})
 
 
 def unit_dims(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...] | None:
@@ -74,6 +85,8 @@ class _DevicePlan:
     wholes: tuple[int, ...]
     split_sizes: tuple[int, ...]
     num_units: int
+    # Scale each per-unit tensor right after its norms (CPU) instead of all at the end.
+    interleave: bool
     # Group label index of every unit, same order as the norm vector; None without telemetry.
     unit_groups: torch.Tensor | None
 
@@ -112,10 +125,21 @@ def _build_plans(
                 wholes=tuple(wholes),
                 split_sizes=tuple(sizes),
                 num_units=sum(sizes),
+                interleave=device.type in _INTERLEAVE_DEVICES,
                 unit_groups=unit_groups,
             )
         )
     return plans
+
+
+def _factor(
+    p_norm: torch.Tensor, g_norm: torch.Tensor, clipping: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit multiplier of the gradient, and the per-unit ``clipped`` mask."""
+    max_norm = p_norm.clamp_min(eps).mul_(clipping)
+    clipped = g_norm > max_norm
+    # Exactly 1 where not clipped, so those gradients come out bit-identical (NaN stays NaN).
+    return torch.where(clipped, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0), clipped
 
 
 def _clip_device(
@@ -126,10 +150,22 @@ def _clip_device(
     eps: float,
 ) -> torch.Tensor:
     """Clips one device's gradients in place; returns the per-unit ``clipped`` mask."""
+    targets: list[torch.Tensor] = []
+    factors: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
     p_norms, g_norms = [], []
-    for index, dims in zip(plan.rows, plan.row_dims):
-        p_norms.append(torch.linalg.vector_norm(params[index], 2, dims, dtype=_NORM_DTYPE))
-        g_norms.append(torch.linalg.vector_norm(grads[index], 2, dims, dtype=_NORM_DTYPE))
+    for index, dims, shape in zip(plan.rows, plan.row_dims, plan.row_factor_shapes):
+        p_norm = torch.linalg.vector_norm(params[index], 2, dims, dtype=_NORM_DTYPE)
+        g_norm = torch.linalg.vector_norm(grads[index], 2, dims, dtype=_NORM_DTYPE)
+        if plan.interleave:
+            # Scale this tensor now, while its gradient is still in the last-level cache from
+            # the norm just taken: the multiply then reads cache, not DRAM.
+            factor, clipped = _factor(p_norm, g_norm, clipping, eps)
+            grads[index].mul_(factor.view(shape))
+            masks.append(clipped)
+        else:
+            p_norms.append(p_norm)
+            g_norms.append(g_norm)
     if plan.wholes:
         whole_p = [params[i] for i in plan.wholes]
         whole_g = [grads[i] for i in plan.wholes]
@@ -137,23 +173,25 @@ def _clip_device(
         # overhead, not the bytes, is what costs here.
         p_norms.append(torch.stack(torch._foreach_norm(whole_p, 2, dtype=_NORM_DTYPE)))
         g_norms.append(torch.stack(torch._foreach_norm(whole_g, 2, dtype=_NORM_DTYPE)))
-    p_norm = torch.cat(p_norms) if len(p_norms) > 1 else p_norms[0]
-    g_norm = torch.cat(g_norms) if len(g_norms) > 1 else g_norms[0]
-
-    max_norm = p_norm.clamp_min(eps).mul_(clipping)
-    clipped = g_norm > max_norm
-    # Exactly 1 where not clipped, so those gradients come out bit-identical (NaN stays NaN).
-    factor = torch.where(clipped, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
-
-    pieces = factor.split(plan.split_sizes)
-    factors = [piece.view(shape) for piece, shape in zip(pieces, plan.row_factor_shapes)]
-    targets = [grads[i] for i in plan.rows]
-    if plan.wholes:
-        factors.extend(pieces[-1].unbind())
+    if p_norms:
+        p_norm = torch.cat(p_norms) if len(p_norms) > 1 else p_norms[0]
+        g_norm = torch.cat(g_norms) if len(g_norms) > 1 else g_norms[0]
+        factor, clipped = _factor(p_norm, g_norm, clipping, eps)
+        masks.append(clipped)
+        if plan.interleave:  # only the whole-tensor units are left
+            pieces = factor.unbind()
+        else:
+            pieces = factor.split(plan.split_sizes)
+            factors.extend(piece.view(shape) for piece, shape in zip(pieces, plan.row_factor_shapes))
+            targets.extend(grads[i] for i in plan.rows)
+            pieces = pieces[-1].unbind() if plan.wholes else ()
+        factors.extend(pieces)
         targets.extend(grads[i] for i in plan.wholes)
-    # float32 factor times a bf16/fp16 gradient is computed in float32 and rounded once.
-    torch._foreach_mul_(targets, factors)
-    return clipped
+    if targets:
+        # float32 factor times a bf16/fp16 gradient is computed in float32 and rounded once.
+        torch._foreach_mul_(targets, factors)
+    # Units in plan order either way: the rows' units, then one per whole tensor.
+    return torch.cat(masks) if len(masks) > 1 else masks[0]
 
 
 def _collect(
