@@ -27,11 +27,16 @@ def main(cfg: DictConfig) -> float | None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
 
+    from nfnet.checkpoints import TrainingStopped
+
     try:
         metrics = tasks.train(cfg)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as error:  # non-finite steps in a row, a checkpoint refused: said in one line
+        print(f"training stopped: {error}", file=sys.stderr)
+        sys.exit(1)
     value = metrics.get(cfg.get("optimized_metric"))
     return float(value) if value is not None else None
 

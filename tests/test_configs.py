@@ -93,8 +93,9 @@ def test_callback_options_instantiate(option, tmp_path):
     if option == "none":
         assert names == []
     else:
-        # best + last checkpoints, progress bar, augmented-image grid; no LR monitor, no EMA callback
-        assert names == ["AugmentedImageGrid", "ModelCheckpoint", "ModelCheckpoint", "RichProgressBar"]
+        # best + last + mid-epoch step checkpoints, progress bar, augmented-image grid; no LR
+        # monitor, no EMA callback
+        assert names == ["AugmentedImageGrid", "ModelCheckpoint", "ModelCheckpoint", "ModelCheckpoint", "RichProgressBar"]
         best, last = (cfg.callbacks.model_checkpoint, cfg.callbacks.last_checkpoint)
         assert (best.monitor, best.mode) == ("val/acc_top1", "max") and last.filename == "last"
 

@@ -150,9 +150,14 @@ def test_agc_runs_once_per_optimizer_step_on_accumulated_gradients(cfg_train):
 def test_agc_sees_float32_unscaled_gradients_under_bf16_mixed(cfg_train):
     datamodule = _datamodule(cfg_train)
     module = _Probe(num_classes=10, model_kwargs=DETERMINISTIC, ema_decay=None)
-    _trainer(max_steps=1, precision="bf16-mixed").fit(module, datamodule=datamodule)
+    trainer = _trainer(max_steps=1, precision="bf16-mixed")
+    trainer.fit(module, datamodule=datamodule)
     seen = module.seen_grads[0]
-    assert all(g.dtype == torch.float32 for g in seen.values())  # master weights stay float32
+    assert all(g.dtype == torch.float32 for g in seen.values())
+    # Autocast computes in bf16; the master weights, the EMA and SGD's momentum stay float32.
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    momentum = [s["momentum_buffer"] for s in trainer.optimizers[0].state.values()]
+    assert momentum and all(m.dtype == torch.float32 for m in momentum)
     expected = _manual_grads(module, module.weights_before_step[0], module.batches[:1], autocast=True)
     for name, grad in seen.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-3, atol=1e-6, msg=name)

@@ -95,3 +95,29 @@ class WandbRunInCheckpoint(pl.Callback):
         run_id = self.logger.version
         if run_id:
             checkpoint[WANDB_RUN_KEY] = str(run_id)
+
+
+class StepSeed(pl.Callback):
+    """Reseeds torch's RNGs before every training batch from (seed, epoch, batch, rank).
+
+    Dropout and stochastic depth then draw the same masks at the same step whether the run went
+    through uninterrupted or was killed and resumed from a checkpoint: nothing that happened in
+    the process before (validation, data loading in the main process, an earlier run) leaks into
+    them. Replicas get different masks, as they should. On XLA the device RNG is torch-xla's own
+    and is not reseeded here (docs/RELIABILITY.md).
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seed is None:
+            self.seed = torch.initial_seed()  # seed_everything's seed, before any reseeding here
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        from nfnet.data.sampling import derive_seed
+
+        seed = derive_seed(self.seed, "step", trainer.current_epoch, batch_idx, trainer.global_rank)
+        torch.default_generator.manual_seed(seed)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.manual_seed(seed)  # this process's device; no host sync

@@ -239,6 +239,32 @@ def _check_data(cfg: DictConfig, this_machine: bool) -> None:
                     os.path.isdir(os.path.join(path, split)),
                     f"data.root={str(root)!r} has no {split}/ folder; data=imagenet needs {layout}",
                 )
+        for folder in [os.path.join(path, "train"), os.path.join(path, "val")] if source == "imagenet" else [path]:
+            _require(
+                _has_subfolder(folder),
+                f"data.root={str(root)!r}: {folder} is empty (no class folders); data={source} needs {layout}",
+            )
+
+
+def _has_subfolder(path: str) -> bool:
+    with os.scandir(path) as entries:
+        return any(e.is_dir() and not e.name.startswith(".") for e in entries)
+
+
+def _unwritable_reason(path: str) -> str | None:
+    """Why a folder cannot be created or written at `path` (None if it can), without creating it."""
+    path = os.path.abspath(os.path.expanduser(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return f"no part of {path} exists"
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
 
 
 def _check_augment(cfg: DictConfig) -> None:
@@ -278,6 +304,10 @@ def _check_optim(cfg: DictConfig) -> None:
     _number(cfg, "optim.agc.clipping", 0, low_open=True, nullable="to disable AGC", note=" (the AGC lambda)")
     _number(cfg, "optim.agc.eps", 0, low_open=True)
     _number(cfg, "optim.ema.decay", 0, 1, low_open=True, high_open=True, nullable="to disable EMA")
+    skip = _value(cfg, "optim.skip_nonfinite", True)
+    _require(isinstance(skip, bool), f"optim.skip_nonfinite={skip!r} must be true or false")
+    if "max_consecutive_skips" in cfg.optim:
+        _int(cfg, "optim.max_consecutive_skips", nullable=True, note=" (non-finite steps in a row that stop the run)")
 
 
 def _check_trainer(cfg: DictConfig, this_machine: bool) -> None:
@@ -342,6 +372,24 @@ def _check_run(cfg: DictConfig, this_machine: bool) -> None:
             f"ckpt_path={ckpt!r} is not a file; give a checkpoint written by train.py, `last` (this run "
             "directory's latest) or null",
         )
+    resume = _value(cfg, "resume", False)
+    _require(isinstance(resume, bool), f"resume={resume!r} must be true or false")
+    _require(
+        not (resume and ckpt is not None),
+        f"resume=true finds the checkpoint by itself, but ckpt_path={ckpt!r} is set too; give one of them",
+    )
+    if this_machine:
+        # Checked before Hydra creates the run directory under it, so a bad path costs one line.
+        log_dir = _value(cfg, "paths.log_dir", None)
+        reason = _unwritable_reason(str(log_dir)) if log_dir is not None else None
+        _require(reason is None, f"paths.log_dir={str(log_dir)!r} cannot hold the run's outputs: {reason}")
+        if _value(cfg, "data.source", None) == "shapes" and _value(cfg, "data.root", None) is not None:
+            # The embedded dataset is generated into data.root on first use.
+            reason = _unwritable_reason(str(cfg.data.root))
+            _require(
+                reason is None or os.path.isdir(os.path.expanduser(str(cfg.data.root))),
+                f"data.root={str(cfg.data.root)!r} cannot hold the generated shapes dataset: {reason}",
+            )
 
 
 def check_config(cfg: DictConfig, this_machine: bool = True) -> None:
@@ -352,4 +400,3 @@ def check_config(cfg: DictConfig, this_machine: bool = True) -> None:
     _check_optim(cfg)
     _check_trainer(cfg, this_machine)
     _check_run(cfg, this_machine)
-

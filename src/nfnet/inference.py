@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 import torch
 from omegaconf import DictConfig
 
+from nfnet.checkpoints import refused_file_error
 from nfnet.config import ConfigError
 from nfnet.data.folder import IMAGE_EXTENSIONS, load_rgb
 from nfnet.data.transforms import CROP_PADDING, ResizeCropEval, normalize
@@ -73,7 +75,10 @@ def load_classifier(cfg: DictConfig) -> Classifier:
     if cfg.get("ckpt_path"):
         path = os.path.expanduser(str(cfg.ckpt_path))
         # Checkpoints keep primitive hyperparameters only, so the safe loader reads them.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise refused_file_error("ckpt_path", cfg.ckpt_path, error) from None
         hparams = dict(checkpoint["hyper_parameters"])
         data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
         prefix = "ema_net." if cfg.weights == "ema" else "net."
@@ -93,7 +98,10 @@ def load_classifier(cfg: DictConfig) -> Classifier:
         from nfnet.models.pretrained import read_weights
 
         path = os.path.expanduser(str(cfg.pretrained))
-        num_classes = read_weights(path)["classifier.weight"].shape[0]
+        try:
+            num_classes = read_weights(path)["classifier.weight"].shape[0]
+        except pickle.UnpicklingError as error:
+            raise refused_file_error("pretrained", cfg.pretrained, error) from None
         names = _class_names_file(cfg.get("class_names"), num_classes)
         module = NFNetClassifier(model_name=cfg.model_name, num_classes=num_classes, pretrained=path,
                                  ema_decay=None, class_names=names)

@@ -19,8 +19,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
+from nfnet.checkpoints import TrainingStopped, check_finite
 from nfnet.data.transforms import normalize
 from nfnet.models import create_model
 from nfnet.optim.agc import AdaptiveGradClipper
@@ -29,6 +31,9 @@ from nfnet.optim.schedule import ema_decay, scale_lr, warmup_cosine_scheduler
 from nfnet.xla import ema_weights_on_device, forward_in_dtype, log_global_accuracy, log_train_step_xla, on_xla
 
 TOP_K = (1, 5)
+# Where the non-finite step counters live in a checkpoint (not in the state dict, so that
+# checkpoints written before they existed still load strictly).
+NONFINITE_KEY = "nfnet_nonfinite"
 
 # Normalization is done by the module on purpose (it belongs to the network's input contract and
 # must run on the device after a uint8 transfer, whatever datamodule feeds it), so Lightning's
@@ -59,6 +64,8 @@ class NFNetClassifier(pl.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         class_names: list[str] | None = None,
+        skip_nonfinite: bool = True,
+        max_consecutive_skips: int | None = 10,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -74,7 +81,10 @@ class NFNetClassifier(pl.LightningModule):
         self.ema_net = None
         if ema_decay is not None:
             self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
-        self._ema_seen_step = -1
+        # Non-finite steps: skipped (the step did not happen), counted, and K in a row stop the run.
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._step_skipped = False
         self.train_metrics = self._make_metrics(num_classes)
         self.val_metrics = self._make_metrics(num_classes)
         self.val_ema_metrics = self._make_metrics(num_classes)
@@ -148,6 +158,12 @@ class NFNetClassifier(pl.LightningModule):
             self.log_dict({f"train/{k}": m for k, m in self.train_metrics.items()}, on_step=False, on_epoch=True)
         # The schedule's value is a Python float: logging it costs no device sync.
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self._guards_nonfinite(loss):
+            # A non-finite loss can still give finite gradients (an infinite log-probability
+            # under label smoothing does): make them NaN so the one gradient check below catches
+            # it. Under DDP the NaN is all-reduced to every replica, so all skip the same step.
+            # A finite loss is multiplied by exactly 1: its gradients stay bit-identical.
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
         return loss
 
     def _evaluate(self, batch, stage: str, raw_metrics, ema_metrics) -> None:
@@ -198,30 +214,84 @@ class NFNetClassifier(pl.LightningModule):
                 agc_named_parameters(self.net), self.hparams.agc_clipping, self.hparams.agc_eps, group_fn=stage_of
             )
 
+    def _guards_nonfinite(self, tensor: torch.Tensor) -> bool:
+        # On XLA the check would read a value back to the host every step and stall the TPU
+        # pipeline; there non-finite steps are not skipped (docs/RELIABILITY.md).
+        return self.hparams.skip_nonfinite and not on_xla(tensor)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._step_skipped = False
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and self._guards_nonfinite(grads[0]):
+            # One fused max-abs over all gradients and one host read per step; an Inf/NaN
+            # anywhere (or a NaN loss, see training_step) makes it non-finite.
+            finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+            if not finite:
+                self._skip_step(optimizer)
+                return
+            self._consecutive_skips = 0
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
         if self.clipper is None:
             return
         clip_frac = self.clipper.clip_()
         # A tensor is handed to the logger: it is only read back at the logging interval.
         self.log("train/agc_clip_frac", clip_frac, on_step=True, on_epoch=False)
 
-    def on_train_start(self) -> None:
-        self._ema_seen_step = self.global_step
+    def _skip_step(self, optimizer) -> None:
+        """The step did not happen: no gradient reaches the optimizer, so SGD leaves the weights
+        and momentum buffers as they were, and the EMA does not move (_update_ema). The
+        step still counts (global_step and the LR schedule advance, as for a batch AMP's
+        GradScaler skips), so the run keeps its length and schedule."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._step_skipped = True
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        limit = self.hparams.max_consecutive_skips
+        message = (
+            f"step {self.global_step}: non-finite loss or gradient, optimizer step skipped "
+            f"({self._consecutive_skips} in a row, {self.skipped_steps} in this run)"
+        )
+        if limit is not None and self._consecutive_skips >= limit:
+            raise TrainingStopped(
+                f"{message}: stopping after optim.max_consecutive_skips={limit} consecutive non-finite steps. "
+                "The weights are those of the last good step and the last checkpoint is kept; lower "
+                "optim.base_lr, check the data, or resume from that checkpoint."
+            )
+        rank_zero_warn(message)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Refuse to write weights or optimizer state holding NaN/Inf (every rank checks the same
+        # values, so all of them stop together); the previous checkpoint stays in place.
+        check_finite(checkpoint)
+        checkpoint[NONFINITE_KEY] = {"skipped_steps": self.skipped_steps, "consecutive": self._consecutive_skips}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(NONFINITE_KEY) or {}
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._consecutive_skips = int(state.get("consecutive", 0))
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The EMA moves right after the weights, inside the step: a checkpoint written at this
+        # step's end (callbacks run before the module's own batch-end hook) then holds the EMA
+        # of the same step as the weights, and a resume from it continues bit-exactly. Called
+        # once per optimizer step, so under gradient accumulation too, as in the official code.
+        self._update_ema()
 
     @torch.no_grad()
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # global_step counts optimizer steps, so under gradient accumulation the EMA moves once
-        # per optimizer step, as in the official code.
-        if self.ema_net is None or self.global_step == self._ema_seen_step:
+    def _update_ema(self) -> None:
+        if self.ema_net is None or self._step_skipped:  # a skipped step moved no weight
             return
-        self._ema_seen_step = self.global_step
+        # global_step still counts the steps before this one here (0 for the first).
+        step = self.global_step
         ema_params = list(self.ema_net.parameters())
         if on_xla(ema_params[0]):  # per-step Python floats can force XLA recompiles (see nfnet.xla)
-            weight = ema_weights_on_device(
-                self.global_step - 1, self.hparams.ema_decay, len(ema_params), ema_params[0].device
-            )
+            weight = ema_weights_on_device(step, self.hparams.ema_decay, len(ema_params), ema_params[0].device)
         else:
-            weight = 1.0 - ema_decay(self.global_step - 1, self.hparams.ema_decay)
+            weight = 1.0 - ema_decay(step, self.hparams.ema_decay)
         torch._foreach_lerp_(ema_params, [p.detach() for p in self.net.parameters()], weight)
 
     # ----------------------------------------------------------------- optimizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -17,9 +18,10 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nfnet.config import check_config, per_device_batch_size
+from nfnet.checkpoints import refused_file_error
+from nfnet.config import ConfigError, check_config, per_device_batch_size
 from nfnet.data.datamodule import ImageDataModule
 from nfnet.module import NFNetClassifier
 
@@ -79,6 +81,8 @@ def build_module(cfg: DictConfig, num_classes: int, class_names: list[str] | Non
         agc_clipping=optim.agc.clipping,
         agc_eps=optim.agc.eps,
         ema_decay=optim.ema.decay,
+        skip_nonfinite=optim.get("skip_nonfinite", True),
+        max_consecutive_skips=optim.get("max_consecutive_skips", 10),
         compile=model.compile,
         channels_last=model.channels_last,
         class_names=class_names,
@@ -137,6 +141,70 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
         f.write("\n")
 
 
+def _checkpoint_dir(cfg: DictConfig) -> str:
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    return str(node.get("dirpath") or os.path.join(str(cfg.paths.output_dir), "checkpoints"))
+
+
+def _resolve_resume(cfg: DictConfig) -> None:
+    """`resume=true` -> `ckpt_path=<newest checkpoint>` (of this run dir, else the newest earlier run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from nfnet.checkpoints import find_resume_checkpoint
+
+    if not cfg.get("resume"):
+        return
+    # A multirun job's siblings are the other jobs of its sweep, not earlier runs of itself.
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    path = find_resume_checkpoint(_checkpoint_dir(cfg), search_siblings=not multirun)
+    if path is None:
+        log.info("resume=true: no checkpoint found, starting a new run")
+        return
+    log.info("resume=true: resuming from %s", path)
+    with open_dict(cfg):
+        cfg.ckpt_path = path
+
+
+def _setup_data(cfg: DictConfig) -> ImageDataModule:
+    datamodule = build_datamodule(cfg)
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        raise ConfigError(f"data.root={str(cfg.data.root)!r}: {error}") from None
+    except ValueError as error:  # an empty split, a folder with no images, too many bad files
+        raise ConfigError(f"data.root={str(cfg.data.root)!r}: {' '.join(str(error).split())}") from None
+    return datamodule
+
+
+def _checkpoint_plumbing(cfg: DictConfig, callbacks: list[Any], module: NFNetClassifier) -> list[Any]:
+    """Trainer plugins for atomic checkpoint writes; refuses to start without room for a checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from nfnet.checkpoints import (
+        AtomicCheckpointIO,
+        check_disk_space,
+        checkpoint_bytes_estimate,
+        remove_stale_temp_files,
+    )
+
+    checkpointers = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+    per_checkpoint = checkpoint_bytes_estimate(module)
+    for folder in sorted({str(cb.dirpath) for cb in checkpointers if cb.dirpath}):
+        files = sum(1 for cb in checkpointers if str(cb.dirpath) == folder)
+        reason = check_disk_space(folder, per_checkpoint, files)
+        if reason:
+            raise ConfigError(reason)
+        for path in remove_stale_temp_files(folder):
+            log.info("removed %s, left by a save that was interrupted", path)
+    # XLA saves through its own CheckpointIO (tensors gathered from the TPU); a config that
+    # brings its own plugins keeps them.
+    if cfg.trainer.get("accelerator") == "tpu" or cfg.trainer.get("plugins"):
+        return []
+    return [AtomicCheckpointIO()]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; returns the logged metrics and the best checkpoint.
 
@@ -147,20 +215,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_config(cfg)
     if cfg.get("seed") is not None:  # `is not None`: seed=0 is a seed too
         pl.seed_everything(cfg.seed, workers=True)
+    _resolve_resume(cfg)
 
-    from nfnet.callbacks import WandbRunInCheckpoint
+    from nfnet.callbacks import StepSeed, WandbRunInCheckpoint
     from nfnet.loggers import build_loggers
 
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module = build_module(cfg, datamodule.num_classes, datamodule.classes)
+    datamodule = _setup_data(cfg)
+    try:
+        module = build_module(cfg, datamodule.num_classes, datamodule.classes)
+    except pickle.UnpicklingError as error:  # model.pretrained: the loaders refuse pickled code
+        raise refused_file_error("model.pretrained", cfg.model.pretrained, error) from None
     callbacks = _instantiate_all(cfg.get("callbacks"))
+    plugins = _checkpoint_plumbing(cfg, callbacks, module)
+    # Dropout/stochastic-depth masks from (seed, epoch, batch): the same after a resume.
+    callbacks.append(StepSeed(cfg.get("seed")))
     loggers = build_loggers(cfg)
     callbacks += [WandbRunInCheckpoint(lg) for lg in loggers if type(lg).__name__ == "WandbLogger"]
     status = "failed"
     try:
-        trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        extra = {"plugins": plugins} if plugins else {}
+        trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
         params = list(module.net.parameters())
         for logger in loggers:
             logger.log_hyperparams(
@@ -172,13 +246,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
         metrics: dict[str, Any] = {}
         if cfg.get("train", True):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            ckpt_path = cfg.get("ckpt_path")
+            try:
+                # weights_only=True: a checkpoint is a file from anywhere; nothing in it may run.
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise refused_file_error("ckpt_path", ckpt_path, error) from None
             metrics.update(_as_floats(trainer.callback_metrics))
         if cfg.get("test", False):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if best:
                 log.info("testing the best checkpoint: %s", best)
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(_as_floats(trainer.callback_metrics))
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             metrics["best_model_path"] = trainer.checkpoint_callback.best_model_path

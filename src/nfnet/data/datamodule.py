@@ -9,18 +9,25 @@ Otherwise targets are integer labels.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from nfnet.data.folder import ImageFolderDataset, scan_image_folder, seeded_split
 from nfnet.data.mixing import MixingCollate
 from nfnet.data.randaugment import RandAugment, parse_ra_level
+from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
 from nfnet.data.shapes import ShapesSpec, ensure_shapes_dataset
 from nfnet.data.transforms import BasicTrainTransform, InceptionCrop, ResizeCropEval
 
 SOURCES = ("shapes", "imagenet", "imagefolder")
+
+# Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
+# sampler is resumed through this datamodule's state_dict instead (nfnet.data.sampling).
+warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
 AUGMENTS = ("official", "basic", "none")
 
 
@@ -137,12 +144,13 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     # ----------------------------------------------------------------- loaders
-    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn=None) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn=None, sampler=None) -> DataLoader:
         h = self.hparams
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=h.num_workers,
             pin_memory=h.pin_memory,
@@ -155,7 +163,36 @@ class ImageDataModule(pl.LightningDataModule):
         # Mixing turns 2 raw images into 1 example, so the loader reads twice the batch.
         raw_batch = 2 * self.batch_size if collate is not None else self.batch_size
         # drop_last keeps every training step the same shape (XLA and compile never recompile).
-        return self._loader(self.train_set, raw_batch, shuffle=True, drop_last=True, collate_fn=collate)
+        # Order and augmentation draws are functions of (seed, epoch, position), and the sampler
+        # starts where a resumed checkpoint stopped (nfnet.data.sampling; state_dict below).
+        resume = getattr(self, "_resume_position", None) or {}
+        self._data_seed = resume.get("seed", getattr(self, "_data_seed", None))
+        if self._data_seed is None:
+            self._data_seed = torch.initial_seed()  # seed_everything's seed, or the process's random one
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            len(self.train_set), raw_batch, self._data_seed,
+            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+            epoch=resume.get("epoch", 0), start_batch=resume.get("batches", 0),
+        )
+        self._resume_position = None
+        return self._loader(
+            SeededDataset(self.train_set), raw_batch, shuffle=False, drop_last=True,
+            collate_fn=SeededCollate(collate), sampler=sampler,
+        )
+
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, int]:
+        """Where the training data stands: the data seed, the epoch and its batches already trained."""
+        trainer = self.trainer
+        if trainer is None or getattr(self, "_data_seed", None) is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"seed": int(self._data_seed), "epoch": int(trainer.current_epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        # Read by the next train_dataloader(), which Lightning builds after restoring this.
+        self._resume_position = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.hparams.eval_batch_size or self.batch_size, False, False)
