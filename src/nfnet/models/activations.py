@@ -74,10 +74,16 @@ class GammaAct(nn.Module):
         self.gelu_approximate = gelu_approximate
         self.gamma = GAMMAS[name]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """`act(x) * gamma * scale`; a caller's constant `scale` (a block's beta) rides on the
+        gamma multiply, so the activation map is scaled in one pass, not two."""
         if self.name == "gelu":
-            return F.gelu(x, approximate=self.gelu_approximate) * self.gamma
-        return _FUNCTIONS[self.name](x) * self.gamma
+            y = F.gelu(x, approximate=self.gelu_approximate)
+        else:
+            y = _FUNCTIONS[self.name](x)
+        factor = self.gamma * scale
+        # 1.0 after fold_weight_standardization moved gamma into the next layer's weights.
+        return y if factor == 1.0 else y * factor
 
     def out_channels(self, channels: int) -> int:
         """Channels this activation hands on: GLU gates one half of its input with the other.

@@ -15,25 +15,61 @@ import torch
 from torch import nn
 
 from .layers import SameConv2d, WSConv2d
+from .nfnet import NFBlock, NFNet
 
 # The lowest ONNX opset the export is checked with (the dynamo-based exporter starts at 18).
 ONNX_OPSET = 18
 
 
-def _folded(conv: WSConv2d) -> SameConv2d:
+def _folded(conv: WSConv2d, input_scale: float = 1.0) -> SameConv2d:
     plain = SameConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                        conv.groups).to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        plain.weight.copy_(conv.standardized_weight())
+        # conv(w, s * x) = conv(s * w, x): a constant scale on the input moves into the weight.
+        plain.weight.copy_(conv.standardized_weight() * input_scale)
         plain.bias.copy_(conv.bias)
     return plain
 
 
-def fold_weight_standardization(model: nn.Module) -> nn.Module:
+def _fold_gammas(model: NFNet) -> None:
+    """Moves every activation's gamma (and each block's beta) into the weights of the layers
+    that consume the activation, in place on a folded copy: every consumer is linear in its
+    input (a conv, the shortcut's average pool, the head's mean and classifier), so this is
+    exact up to float rounding, and saves one elementwise pass per activation."""
+    stem = model.stem
+    gamma = stem.act.gamma
+    for name in ("conv1", "conv2", "conv3"):
+        setattr(stem, name, _scaled(getattr(stem, name), gamma))
+    stem.act.gamma = 1.0
+    for block in (m for m in model.modules() if isinstance(m, NFBlock)):
+        gamma = block.act.gamma
+        block.conv0 = _scaled(block.conv0, gamma * block.beta)
+        if block.conv_shortcut is not None:
+            block.conv_shortcut = _scaled(block.conv_shortcut, gamma * block.beta)
+        for name in ("conv1", "conv1b", "conv2"):
+            setattr(block, name, _scaled(getattr(block, name), gamma))
+        block.act.gamma, block.beta = 1.0, 1.0
+    with torch.no_grad():
+        model.classifier.weight.mul_(model.final_act.gamma)
+    model.final_act.gamma = 1.0
+
+
+def _scaled(conv: nn.Module, scale: float) -> nn.Module:
+    if isinstance(conv, WSConv2d):
+        return _folded(conv, scale)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    return conv
+
+
+def fold_weight_standardization(model: nn.Module, fold_gammas: bool = True) -> nn.Module:
     """A copy of `model`, in eval mode, with every WSConv2d replaced by a SameConv2d (an
     nn.Conv2d with the same TF-'SAME' padding) holding the standardised weight and the bias.
-    The original is left untouched."""
+    With `fold_gammas` (an NFNet only), the activations' gammas and the blocks' betas are
+    moved into those weights too (see `_fold_gammas`). The original is left untouched."""
     folded = copy.deepcopy(model)
+    if fold_gammas and isinstance(folded, NFNet):
+        _fold_gammas(folded)
     for parent in list(folded.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, WSConv2d):

@@ -4,6 +4,7 @@ depth (NFNET_SPEC.md §1.3, §1.6, §1.11)."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,90 @@ class SameConv2d(nn.Conv2d):
         return super().extra_repr() + ", padding=SAME"
 
 
+def _as_rows(weight: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A conv weight as a (O, fan_in) matrix without copying, and the map back to its shape
+    and memory format. The per-channel sums of WS are order-free, so a channels_last weight
+    (O, kh, kw, I/groups in memory) is read in its own element order."""
+    out_ch, in_ch, kh, kw = weight.shape
+    if weight.is_contiguous():
+        return weight.view(out_ch, -1), lambda rows: rows.view(out_ch, in_ch, kh, kw)
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous()
+        return weight.view(out_ch, -1), lambda rows: rows.view(out_ch, in_ch, kh, kw)
+    rows = weight.permute(0, 2, 3, 1).reshape(out_ch, -1)  # a view: OHWI is contiguous
+    return rows, lambda r: r.view(out_ch, kh, kw, in_ch).permute(0, 3, 1, 2)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) per row of two (O, K) matrices, as a batched matmul: no (O, K) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1, 1)
+
+
+class _ScaledWeightStandardization(torch.autograd.Function):
+    """w_hat = (w - mean) * gain * rsqrt(denom), denom = max(fan_in * var, eps) ('max') or
+    (var + eps) * fan_in ('add'), per output channel, with a hand-written backward.
+
+    Forward, two-pass (as the official jnp.var; stable for any mean): the row sums, the
+    centered weight, its sum of squares as a batched dot product, and the scaling in place on
+    the centered copy, which becomes the output. torch.var_mean's Welford reduction computes
+    the same moments but is several times slower on CPU.
+
+    Backward, closed form: autograd through the forward's ops would keep their intermediates
+    and replay about twice as many passes over the weight. With u = (w - mean) * rsqrt(denom)
+    and g = dL/dw_hat, per output channel (sums over the channel's fan_in elements):
+
+        dL/dgain = sum(g * u)
+        dL/dw    = gain * rsqrt(denom) * (g - mean(g) - active * u * sum(g * u))
+
+    where active is 0 for a 'max' row whose fan_in * var sits under eps (its rsqrt is then a
+    constant) and 1 otherwise. (This uses sum(u) = 0, exact in real arithmetic.) Saved for
+    backward: the weight itself (a parameter, no copy) and per-channel vectors.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, gain: torch.Tensor, eps: float,
+                add_eps: bool) -> torch.Tensor:
+        rows, restore = _as_rows(weight)
+        fan_in = rows.shape[1]
+        mean = rows.sum(dim=1, keepdim=True) / fan_in
+        centered = rows - mean
+        n_var = _row_dot(centered, centered)  # fan_in * population variance
+        if add_eps:
+            rstd = torch.rsqrt(n_var + eps * fan_in)
+            active = None
+        else:
+            rstd = torch.rsqrt(torch.clamp_min(n_var, eps))
+            active = (n_var > eps).to(rows.dtype)
+        ctx.save_for_backward(weight, gain, mean, rstd, active)
+        return restore(centered.mul_(gain.view(-1, 1) * rstd))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, gain, mean, rstd, active = ctx.saved_tensors
+        rows, restore = _as_rows(weight)
+        # The gradient in the weight's memory format, so that both read as the same rows.
+        grad_rows, _ = _as_rows(grad.contiguous(memory_format=(
+            torch.contiguous_format if weight.is_contiguous() else torch.channels_last)))
+        u = torch.addcmul(-mean * rstd, rows, rstd)
+        g_dot_u = _row_dot(grad_rows, u)
+        grad_gain = g_dot_u.view(-1) if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            c = gain.view(-1, 1) * rstd
+            u_coeff = g_dot_u if active is None else g_dot_u * active
+            g_mean = grad_rows.sum(dim=1, keepdim=True) / rows.shape[1]
+            # c * (g - mean(g) - u_coeff * u), as two multiply-adds written into u's buffer.
+            grad_rows = torch.addcmul(-c * g_mean, u, -c * u_coeff, out=u).addcmul_(grad_rows, c)
+            grad_weight = restore(grad_rows)
+        return grad_weight, grad_gain, None, None
+
+
+def scaled_weight_standardization(weight: torch.Tensor, gain: torch.Tensor, eps: float = WS_EPS,
+                                  add_eps: bool = False) -> torch.Tensor:
+    """NFNET_SPEC.md §1.6 on a conv weight (O, I/groups, kh, kw) and its gain (O,)."""
+    return _ScaledWeightStandardization.apply(weight, gain, eps, add_eps)
+
+
 class WSConv2d(SameConv2d):
     """Scaled weight-standardized conv, NFNET_SPEC.md §1.6:
 
@@ -94,15 +179,8 @@ class WSConv2d(SameConv2d):
             nn.init.ones_(self.gain)
 
     def standardized_weight(self) -> torch.Tensor:
-        # One fused reduction for both moments; correction=0 is the population variance.
-        var, mean = torch.var_mean(self.weight, dim=(1, 2, 3), correction=0, keepdim=True)
-        if self.eps_mode == "max":
-            denom = torch.clamp_min(var * self.fan_in, self.eps)
-        else:
-            denom = (var + self.eps) * self.fan_in
-        scale = self.gain.view(-1, 1, 1, 1) * torch.rsqrt(denom)
-        # The official w*scale - mean*scale (§1.6): one elementwise pass over the weight.
-        return torch.addcmul(-mean * scale, self.weight, scale)
+        return scaled_weight_standardization(self.weight, self.gain, self.eps,
+                                             self.eps_mode == "add")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x, self.standardized_weight())
@@ -165,13 +243,19 @@ class StochasticDepth(nn.Module):
         super().__init__()
         self.rate = rate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The per-sample 0/1 mask, (B, 1, 1, 1) in x's dtype, or None at eval. A caller that
+        scales x anyway (NFBlock) folds it into that scale instead of a pass of its own."""
         if not self.training:
-            return x
+            return None
         keep_prob = 1.0 - self.rate
         # Drawn in float32 so a bf16 input does not round keep_prob + U up to 1.
         noise = torch.rand((x.shape[0], 1, 1, 1), device=x.device, dtype=torch.float32)
-        return x * torch.floor(keep_prob + noise).to(x.dtype)
+        return torch.floor(keep_prob + noise).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.keep_mask(x)
+        return x if mask is None else x * mask
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}"

@@ -102,15 +102,22 @@ class NFBlock(nn.Module):
         self.skip_gain = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x) * self.beta
+        out = self.act(x, self.beta)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(self.pool(out))
         out = self.conv0(out)
         out = self.conv1(self.act(out))
         out = self.conv1b(self.act(out))
         out = self.conv2(self.act(out))
-        out = (SE_GAIN * self.se(out)) * out
-        out = self.stochastic_depth(out)
-        return out * self.skip_gain * self.alpha + shortcut
+        # 2*SE(out)*out, the stochastic-depth mask, skip_gain and alpha all scale `out` per
+        # (sample, channel): they are multiplied together on the small (B, C, 1, 1) gate and
+        # applied with the residual add in one pass over the feature map.
+        gate = self.se(out) * (SE_GAIN * self.alpha) * self.skip_gain
+        if isinstance(self.stochastic_depth, StochasticDepth):
+            mask = self.stochastic_depth.keep_mask(out)
+            if mask is not None:
+                gate = gate * mask
+        # The gate in the map's dtype: under autocast the residual stream stays bf16.
+        return torch.addcmul(shortcut, out, gate.to(out.dtype))
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:.6f}, alpha={self.alpha}"
