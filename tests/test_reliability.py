@@ -161,6 +161,11 @@ def test_resume_true_picks_the_newest_checkpoint_of_the_newest_earlier_run(tmp_p
     (runs / "b" / "checkpoints" / "last.ckpt.tmp").write_bytes(b"partial")  # a killed save: never picked
     os.utime(runs / "b" / "checkpoints" / "last.ckpt.tmp", (2000, 2000))
     new_run = runs / "c" / "checkpoints"
-    assert find_resume_checkpoint(str(new_run)) == str(runs / "b" / "checkpoints" / "epoch_000.ckpt")
-    assert find_resume_checkpoint(str(new_run), search_siblings=False) is None
-    assert find_resume_checkpoint(str(runs / "a" / "checkpoints")) == str(runs / "a" / "checkpoints" / "last.ckpt")
+    assert find_resume_checkpoint(str(new_run), str(runs)) == str(runs / "b" / "checkpoints" / "epoch_000.ckpt")
+    assert find_resume_checkpoint(str(new_run)) is None  # a multirun job: its own directory only
+    assert find_resume_checkpoint(str(runs / "a" / "checkpoints"), str(runs)) == str(runs / "a" / "checkpoints" / "last.ckpt")
+    # A run directory outside <log_dir>/<task>/runs (hydra.run.dir=...) never takes its neighbours'.
+    assert find_resume_checkpoint(str(tmp_path / "elsewhere" / "checkpoints"), str(runs)) is None
+    (tmp_path / "neighbour" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "neighbour" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert find_resume_checkpoint(str(tmp_path / "mine" / "checkpoints"), str(runs)) is None

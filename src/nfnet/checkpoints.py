@@ -144,20 +144,22 @@ def _checkpoints_in(folder: str) -> list[str]:
     return [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.isfile(p)]
 
 
-def find_resume_checkpoint(checkpoint_dir: str, search_siblings: bool = True) -> str | None:
+def find_resume_checkpoint(checkpoint_dir: str, runs_root: str | None = None) -> str | None:
     """The newest `*.ckpt` (by modification time) of this run, else of the newest earlier run.
 
-    `checkpoint_dir` is `<run dir>/checkpoints`; the earlier runs are the other run directories
-    beside `<run dir>` (Hydra's `<log_dir>/<task>/runs/<time>`). Temp files of interrupted
-    saves (`*.ckpt.tmp`) are never picked.
+    `checkpoint_dir` is `<run dir>/checkpoints`. The earlier runs are the other run directories
+    in `runs_root` (Hydra's `<log_dir>/<task>/runs`), searched only when the run directory is
+    one of them: a run placed elsewhere (`hydra.run.dir=...`) must not pick up whatever
+    checkpoints happen to lie beside it. Temp files of interrupted saves (`*.ckpt.tmp`) are
+    never picked.
     """
     own = _checkpoints_in(checkpoint_dir)
     if own:
         return max(own, key=os.path.getmtime)
-    if not search_siblings:
-        return None
     run_dir = os.path.dirname(os.path.abspath(checkpoint_dir))
     parent = os.path.dirname(run_dir)
+    if runs_root is None or parent != os.path.abspath(runs_root):
+        return None
     found: list[str] = []
     for sibling in glob.glob(os.path.join(parent, "*")):
         if os.path.abspath(sibling) != run_dir and os.path.isdir(sibling):

@@ -157,7 +157,8 @@ def _resolve_resume(cfg: DictConfig) -> None:
         return
     # A multirun job's siblings are the other jobs of its sweep, not earlier runs of itself.
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    path = find_resume_checkpoint(_checkpoint_dir(cfg), search_siblings=not multirun)
+    runs_root = None if multirun else os.path.join(str(cfg.paths.log_dir), str(cfg.task_name), "runs")
+    path = find_resume_checkpoint(_checkpoint_dir(cfg), runs_root)
     if path is None:
         log.info("resume=true: no checkpoint found, starting a new run")
         return
