@@ -115,6 +115,19 @@ def test_video_frames(run_dir, ema_net, tmp_path):
         assert row["input"] == str(video) and row["top_k"][0]["class"] == names[0]
 
 
+@pytest.mark.slow
+def test_camera_that_cannot_be_opened_is_one_line(run_dir, tmp_path):
+    pytest.importorskip("cv2")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), f"ckpt_path={run_dir}/checkpoints/last.ckpt", "input=camera:97",
+         f"paths.log_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    # OpenCV's own warnings about the device are silenced: the line names the input.
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and lines == ["config error: input='camera:97': camera 97 cannot be opened"], result.stderr
+
+
 def test_video_without_opencv_is_one_clear_error(run_dir, tmp_path, monkeypatch):
     from nfnet.config import ConfigError
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -12,21 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SMALL_SHAPES, compose_train
+from conftest import SMALL_SHAPES, compose_train, installed
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # no Hydra plugin at all: the `hydra_plugins` package is absent
-        return False
-
-
-needs_optuna = pytest.mark.skipif(not _installed("hydra_plugins.hydra_optuna_sweeper"), reason="needs the `sweeps` extra")
+needs_optuna = pytest.mark.skipif(not installed("hydra_plugins.hydra_optuna_sweeper"), reason="needs the `sweeps` extra")
 needs_submitit = pytest.mark.skipif(
-    not _installed("hydra_plugins.hydra_submitit_launcher"), reason="needs the `sweeps` extra"
+    not installed("hydra_plugins.hydra_submitit_launcher"), reason="needs the `sweeps` extra"
 )
 
 

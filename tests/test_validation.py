@@ -4,6 +4,7 @@ what is allowed, and no traceback; good values pass the same checks."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_train
+from conftest import compose_train, installed
 from nfnet.config import (
     AUGMENTS,
     SOURCES,
@@ -58,7 +59,15 @@ CASES = {
     ),
     "one bad job of a sweep": (["-m", "optim.agc.clipping=0.01,-1"], ["optim.agc.clipping=-1", "> 0"]),
     "unknown logger option": (["logger=wandbb"], ["logger=wandbb", "did you mean wandb"]),
+    "home directory as ~": (
+        ["data=imagefolder", "data.root=~/photos"], ["data.root=~/photos", "does not expand ~", "$HOME/"],
+    ),
 }
+if shutil.which("srun") is None and installed("hydra_plugins.hydra_submitit_launcher"):
+    CASES["SLURM sweep where there is no SLURM"] = (
+        ["-m", "launcher=slurm", "trainer=gpu", "hydra.launcher.gpus_per_node=1", "optim.agc.clipping=0.01,0.02"],
+        ["launcher=slurm", "no `srun`", "hydra/launcher=submitit_local"],
+    )
 if not torch.cuda.is_available():
     CASES["GPU trainer without a GPU"] = (["trainer=gpu"], ["trainer.accelerator='gpu'", "no CUDA GPU", "trainer=cpu"])
 

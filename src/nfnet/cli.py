@@ -14,6 +14,7 @@ import difflib
 import itertools
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -77,8 +78,10 @@ def _precheck(config_dir: Path, config_name: str, check: Check | None, argv: lis
     config_name = args.config_name or config_name
     overrides = _parse(args.overrides)
     jobs = _sweep_jobs(config_dir, overrides) if args.multirun else [list(args.overrides)]
-    for job in jobs[:MAX_CHECKED_JOBS]:
+    for number, job in enumerate(jobs[:MAX_CHECKED_JOBS]):
         cfg = _compose(config_dir, config_name, job)
+        if args.multirun and number == 0:
+            _check_launcher(cfg)
         if check is None:
             continue
         # Jobs of a multirun may run on other machines (SLURM): only portable checks here; each
@@ -90,6 +93,18 @@ def _precheck(config_dir: Path, config_name: str, check: Check | None, argv: lis
             raise ConfigError(_first_line(error)) from None
 
 
+def _check_launcher(cfg: DictConfig) -> None:
+    """A SLURM sweep started where SLURM is not: submitit would end in a traceback after Hydra
+    created the sweep directory."""
+    target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
+    # submitit tells a SLURM machine by its `srun`.
+    if target.endswith(".SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError(
+            "launcher=slurm submits each job to SLURM, but this machine has no `srun` on its PATH: "
+            "run the command on a SLURM login node, or try the sweep here with hydra/launcher=submitit_local"
+        )
+
+
 def _parse(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -98,8 +113,10 @@ def _parse(overrides: list[str]):
         return OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as error:
         bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
+        # The shell expands ~ only at the start of a word, and `key=~/x` does not start with it.
+        home = "; Hydra does not expand ~, write $HOME/ instead" if "=~" in bad else ""
         raise ConfigError(
-            f"cannot parse the override {bad!r}: {_first_line(error)} "
+            f"cannot parse the override {bad!r}: {_first_line(error)}{home} "
             "(grammar: https://hydra.cc/docs/1.3/advanced/override_grammar/basic/)"
         ) from None
 

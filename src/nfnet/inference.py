@@ -176,6 +176,9 @@ def print_table(title: str, values: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- inputs
 def _cv2():
+    # A device or file OpenCV cannot open is reported in one line of ours; its own warnings
+    # (several lines per backend tried) would bury it.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     try:
         import cv2
     except ImportError:
