@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     from nfnet.cli import precheck
-    from nfnet.config import check_config
+    from nfnet.train_checks import check_config
 
     # Bad overrides are reported in one line before Hydra creates a run directory.
     precheck(ROOT / "conf", "train", check_config)

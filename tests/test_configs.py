@@ -10,7 +10,8 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import CONF_DIR, compose_train
-from nfnet.config import ConfigError, check_config, per_device_batch_size
+from nfnet.config import ConfigError, per_device_batch_size
+from nfnet.train_checks import check_config
 
 # Every group in conf/ with its options; `model/base.yaml` is the shared part of every model
 # option, not an option of its own. (tpu has its own tests; it needs torch-xla to instantiate.)

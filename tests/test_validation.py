@@ -18,10 +18,10 @@ from nfnet.config import (
     AUGMENTS,
     SOURCES,
     ConfigError,
-    check_config,
     devices_per_node,
     per_device_batch_size,
 )
+from nfnet.train_checks import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "/nonexistent/nfnet-test"

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nfnet.checkpoints import refused_file_error
-from nfnet.config import ConfigError, check_config, per_device_batch_size
+from nfnet.config import ConfigError, per_device_batch_size
+from nfnet.train_checks import check_config
 from nfnet.data.datamodule import ImageDataModule
 from nfnet.module import NFNetClassifier
 
