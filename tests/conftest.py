@@ -34,6 +34,16 @@ def installed(module: str) -> bool:
         return False
 
 
+def ready_datamodule(cfg):
+    """The datamodule of a composed train config, its data generated and its fit splits set up."""
+    from nfnet import tasks  # Lightning: imported by the tests that train, not at collection
+
+    datamodule = tasks.build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
 def compose_train(overrides: list[str] | None = None):
     """The train config as `python train.py <overrides>` would compose it (hydra node included)."""
     GlobalHydra.instance().clear()

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import ready_datamodule
 from nfnet import tasks
 from nfnet.models import WSConv2d
 from nfnet.models.layers import scaled_weight_standardization
@@ -77,9 +78,7 @@ class _Checks(pl.Callback):
 def test_speed_switches_train_through_lightning(cfg_train, switches):
     pl.seed_everything(0)
     cfg = cfg_train(["callbacks=none", "test=false", "augment=none", *switches])
-    datamodule = tasks.build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = ready_datamodule(cfg)
     module = tasks.build_module(cfg, datamodule.num_classes)
     checks = _Checks()
     trainer = pl.Trainer(

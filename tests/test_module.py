@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from nfnet import tasks
+from conftest import ready_datamodule
 from nfnet.module import NFNetClassifier
 
 # Dropout and stochastic depth off: the tests recompute gradients by hand and need the same
@@ -68,10 +68,7 @@ def test_weight_decay_groups_and_nesterov():
 
 def _datamodule(cfg_train, overrides=()):
     cfg = cfg_train(["augment=none", *overrides])
-    datamodule = tasks.build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
+    return ready_datamodule(cfg)
 
 
 def _trainer(**kwargs):

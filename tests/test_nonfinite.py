@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from reliability_helpers import CorruptWeightsAtStep, InjectNonFinite
 
+from conftest import ready_datamodule
 from nfnet import tasks
 from nfnet.checkpoints import NonFiniteCheckpointError, TrainingStopped, check_finite
 from nfnet.module import NFNetClassifier
@@ -20,10 +21,7 @@ SKIPPED = 2  # the 0-based optimizer step that goes bad
 
 def _datamodule(cfg_train):
     cfg = cfg_train(["augment=none", "data.shapes.train_per_class=8", "data.shapes.val_per_class=2"])
-    datamodule = tasks.build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return datamodule
+    return ready_datamodule(cfg)
 
 
 def _module(**kwargs) -> NFNetClassifier:

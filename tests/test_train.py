@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import ready_datamodule
 from nfnet import tasks
 from nfnet.module import NFNetClassifier
 
@@ -32,9 +33,7 @@ class _LossRecorder(pl.Callback):
 def test_a_short_run_lowers_the_training_loss(cfg_train):
     pl.seed_everything(0)
     cfg = cfg_train(["trainer.max_epochs=6", "callbacks=none", "test=false", "augment=none"])
-    datamodule = tasks.build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = ready_datamodule(cfg)
     module = tasks.build_module(cfg, datamodule.num_classes)
     recorder = _LossRecorder()
     trainer = pl.Trainer(
