@@ -169,7 +169,7 @@ def main() -> None:
         })  # fmt: skip
     ours, tv = rows
     lines = [
-        f"# Data pipeline throughput, one worker process (1 thread)",
+        "# Data pipeline throughput, one worker process (1 thread)",
         "",
         f"RandAugment {layers}x{mag}, train size {args.size}, {2 * b} generated 500x375 JPEGs "
         f"(mean {jpeg_kb:.0f} KiB), B = {b}, {args.batches} timed batches per pipeline "
@@ -192,7 +192,7 @@ def main() -> None:
             f"{r['ex_s']:.0f} |"
         )
     lines += [
-        f"| **ratio official / torchvision** | | "
+        "| **ratio official / torchvision** | | "
         + " | ".join(f"{tv[s] / ours[s]:.2f}x" if ours[s] else "-" for s in STAGES)
         + f" | {tv['total'] / ours['total']:.2f}x | **{ours['raw_s'] / tv['raw_s']:.2f}x** | "
         f"{ours['ex_s'] / tv['ex_s']:.2f}x |",

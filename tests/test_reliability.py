@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from nfnet import tasks
 from nfnet.config import ConfigError
