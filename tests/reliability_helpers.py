@@ -81,6 +81,18 @@ class BatchLog(pl.Callback):
             f.flush()
 
 
+class LearningRateLog(pl.Callback):
+    """Appends `<global_step> <lr of the first parameter group>` per training batch to `path`:
+    the LR that batch's optimizer step uses."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {trainer.optimizers[0].param_groups[0]['lr']!r}\n")
+
+
 class InjectNonFinite(pl.Callback):
     """At the given optimizer steps (0-based global_step), makes the batch NaN (`where="batch"`)
     or one gradient entry Inf (`where="grad"`); `from_step` does it on every step from there on."""

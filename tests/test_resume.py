@@ -131,10 +131,14 @@ def test_killed_mid_epoch_resumes_bit_exactly_with_ckpt_path_last(tmp_path, refe
 
 
 @pytest.mark.slow
-def test_killed_at_an_epoch_boundary_resumes_bit_exactly_with_resume_true(tmp_path, reference):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_at_an_epoch_boundary_resumes_bit_exactly_with_resume_true(tmp_path, reference, workers):
     # Killed right after epoch 0's last step, its validation and its end-of-epoch checkpoint;
-    # resumed in a new run directory, which finds that checkpoint by itself.
-    _, resumed = _kill_and_resume(tmp_path, reference, step=STEPS_PER_EPOCH, when="start", resume_args=["resume=true"])
+    # resumed in a new run directory, which finds that checkpoint by itself. With persistent
+    # loader workers Lightning starts the loader before it moves the sampler to epoch 1: a
+    # sampler still in the finished epoch 0 used to make epoch 1 train on nothing.
+    _, resumed = _kill_and_resume(tmp_path, reference, step=STEPS_PER_EPOCH, when="start", resume_args=["resume=true"],
+                                  workers=workers)
     assert "resume=true: resuming from" in resumed.stderr and "killed" in resumed.stderr
 
 
@@ -186,3 +190,45 @@ def test_resuming_in_process_from_a_mid_epoch_checkpoint_is_bit_exact(cfg_train,
     full = run(tmp_path / "full")
     resumed = run(tmp_path / "from-2", str(full / "step-step=2.ckpt"))  # mid-epoch: 5 steps per epoch
     assert_same_run(resumed / "last.ckpt", full / "last.ckpt")
+
+
+def test_resuming_with_more_epochs_stretches_the_schedule_instead_of_training_at_lr_0(cfg_train, tmp_path):
+    """`resume=true trainer.max_epochs=N+1` after an N-epoch run: the schedule is the config's.
+
+    The checkpoint's schedule ended at LR 0; kept, the added epoch would not move a weight.
+    Also with 2 persistent loader workers, which once made the added epoch train on no batch.
+    """
+    from omegaconf import open_dict
+
+    from nfnet import tasks
+    from nfnet.optim.schedule import scale_lr, warmup_cosine
+
+    overrides = [o for o in RUN if not o.startswith(("logger=", "print_config", "data.num_workers", "trainer.max_epochs"))]
+    overrides += ["data.num_workers=2"]
+    lr_log = tmp_path / "lr.log"
+
+    def run(directory: Path, epochs: int, ckpt_path=None):
+        cfg = cfg_train([*overrides, f"trainer.max_epochs={epochs}"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(directory)
+            cfg.ckpt_path = ckpt_path
+            cfg.callbacks.lr_log = {"_target_": "reliability_helpers.LearningRateLog", "path": str(lr_log)}
+        tasks.train(cfg)
+        return torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+    first = run(tmp_path / "two", 2)
+    assert first["global_step"] == 2 * STEPS_PER_EPOCH and first["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
+    lr_log.unlink()
+    longer = run(tmp_path / "three", 3, str(tmp_path / "two" / "checkpoints" / "last.ckpt"))
+    assert longer["global_step"] == 3 * STEPS_PER_EPOCH  # the added epoch trained all its batches
+    rates = {int(step): float(lr) for step, lr in (line.split() for line in lr_log.read_text().splitlines())}
+    assert sorted(rates) == list(range(2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH))
+    cfg = cfg_train(overrides)
+    peak = scale_lr(cfg.optim.base_lr, cfg.data.batch_size)
+    total = 3 * STEPS_PER_EPOCH
+    warmup = cfg.optim.warmup_epochs * STEPS_PER_EPOCH
+    for step, lr in rates.items():
+        assert lr == pytest.approx(warmup_cosine(step, peak, warmup, total)) and lr > 0
+    assert longer["lr_schedulers"][0]["lr_lambdas"][0]["total_steps"] == total
+    moved = [k for k in first["state_dict"] if not torch.equal(first["state_dict"][k], longer["state_dict"][k])]
+    assert moved

@@ -45,6 +45,17 @@ def test_a_resumed_epoch_continues_at_the_next_batch_and_only_that_epoch():
     assert _keys(resumed) == _keys(ResumableSampler(40, 4, seed=1, epoch=3))
 
 
+def test_a_position_at_the_end_of_an_epoch_is_the_start_of_the_next():
+    # A checkpoint written at the end of epoch 2 records all 10 of its batches as trained.
+    finished = ResumableSampler(40, 4, seed=1, epoch=2, start_batch=10)
+    assert finished.epoch == 3 and _keys(finished) == _keys(ResumableSampler(40, 4, seed=1, epoch=3))
+    finished.set_epoch(3)  # what Lightning then asks for
+    assert _keys(finished) == _keys(ResumableSampler(40, 4, seed=1, epoch=3))
+    # 42 samples in batches of 4 with the last partial batch dropped: 10 batches make the epoch.
+    assert ResumableSampler(42, 4, seed=1, epoch=2, start_batch=10).epoch == 3
+    assert ResumableSampler(42, 4, seed=1, epoch=2, start_batch=9).epoch == 2
+
+
 class _RandomCrops(Dataset):
     """Draws from torch's global RNG, as the real transforms do."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from nfnet.checkpoints import TrainingStopped, check_finite
@@ -315,4 +315,40 @@ class NFNetClassifier(pl.LightningModule):
         # A run shorter than its warmup (fast_dev_run, a smoke test) still gets a valid schedule.
         warmup_steps = min(self.hparams.warmup_epochs * steps_per_epoch, total_steps - 1)
         scheduler = warmup_cosine_scheduler(optimizer, warmup_steps, total_steps, self.hparams.end_lr / peak_lr)
+        # A checkpoint restores the schedule it was written with; on_train_start compares.
+        self._configured_schedule = [vars(fn).copy() for fn in scheduler.lr_lambdas]
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._follow_configured_schedule()
+
+    def _follow_configured_schedule(self) -> None:
+        """A run resumed with more epochs (or another batch size) trains on its own schedule.
+
+        The checkpoint's scheduler state holds the schedule's lengths, so a run resumed with
+        `trainer.max_epochs` raised would otherwise stay on the old schedule, which has already
+        decayed to its end LR: the added epochs would train at LR 0. The cosine is stretched to
+        the new length instead, from the step the checkpoint reached. An interrupted run resumed
+        with its own config has the same lengths, and nothing changes (bit-exact resume).
+        """
+        configured = getattr(self, "_configured_schedule", None)
+        if not configured or not self.trainer.lr_scheduler_configs:
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        restored = [vars(fn).copy() for fn in scheduler.lr_lambdas]
+        if restored == configured:
+            return
+        before = [group["lr"] for group in scheduler.optimizer.param_groups]
+        for fn, settings in zip(scheduler.lr_lambdas, configured):
+            vars(fn).update(settings)
+        step = scheduler.last_epoch
+        lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+        rank_zero_info(
+            f"LR schedule: the checkpoint's ran {restored[0]['total_steps']:.0f} steps (warmup "
+            f"{restored[0]['warmup_steps']:g}), this run's config gives {configured[0]['total_steps']:.0f} "
+            f"(warmup {configured[0]['warmup_steps']:g}); continuing at step {step} on this run's schedule, "
+            f"LR {before[0]:.4g} -> {lrs[0]:.4g}"
+        )

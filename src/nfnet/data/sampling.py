@@ -58,6 +58,8 @@ class ResumableSampler(DistributedSampler):
 
     num_samples: dataset length. batch_size: the loader's batch (raw images per step and replica).
     start_batch: batches of `epoch` already trained on; they are skipped in that epoch only.
+    A position at the end of an epoch is the start of the next one (a checkpoint written at
+    the end of an epoch records the whole epoch as trained).
     `len()` stays the full per-replica epoch length, as Lightning counts a resumed epoch's
     batches from where it stopped.
     """
@@ -89,6 +91,11 @@ class ResumableSampler(DistributedSampler):
         self._dataset_len = int(num_samples)
         self.epoch = int(epoch)
         self.start_batch = int(start_batch)
+        # Lightning resumes such a checkpoint in the next epoch, but builds the loader and, with
+        # persistent workers, starts its iterator before it calls set_epoch: an iterator of the
+        # finished epoch would be empty, and the next epoch would silently train on nothing.
+        if self.start_batch >= self.num_samples // self.batch_size:  # the loader drops the last partial batch
+            self.epoch, self.start_batch = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
         # Lightning calls this before every epoch, also with the resumed epoch itself: only a

@@ -89,7 +89,8 @@ class WarmupCosineMultiplier:
     """``LambdaLR`` multiplier: ``warmup_cosine(step, 1, ...)`` times each group's initial lr.
 
     A class rather than a closure so ``LambdaLR.state_dict()`` saves its settings (it only
-    saves callable objects) and a resumed run checks out against its own config.
+    saves callable objects): a resumed run can then tell whether its config changed the
+    schedule's lengths (NFNetClassifier then follows the config).
     """
 
     def __init__(self, warmup_steps: float, total_steps: float, end_factor: float = 0.0) -> None:
