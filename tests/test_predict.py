@@ -116,16 +116,21 @@ def test_video_frames(run_dir, ema_net, tmp_path):
 
 
 @pytest.mark.slow
-def test_camera_that_cannot_be_opened_is_one_line(run_dir, tmp_path):
+@pytest.mark.parametrize("to_file", [False, True])
+def test_camera_that_cannot_be_opened_is_one_line_and_writes_nothing(run_dir, tmp_path, to_file):
     pytest.importorskip("cv2")
+    output = tmp_path / "earlier.json"
+    output.write_text("[]")  # a previous run's predictions
     result = subprocess.run(
         [sys.executable, str(ROOT / "predict.py"), f"ckpt_path={run_dir}/checkpoints/last.ckpt", "input=camera:97",
-         f"paths.log_dir={tmp_path}"],
+         f"paths.log_dir={tmp_path}", *([f"output={output}"] if to_file else [])],
         capture_output=True, text=True, timeout=600,
     )
     # OpenCV's own warnings about the device are silenced: the line names the input.
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and lines == ["config error: input='camera:97': camera 97 cannot be opened"], result.stderr
+    # No half-begun JSON on standard output, and the earlier file is not truncated.
+    assert result.stdout == "" and output.read_text() == "[]"
 
 
 def test_video_without_opencv_is_one_clear_error(run_dir, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ multirun never merges two jobs into one wandb run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nfnet.checkpoints import refused_file_error
 from nfnet.config import ConfigError, per_device_batch_size
-from nfnet.train_checks import check_config
 from nfnet.data.datamodule import ImageDataModule
 from nfnet.module import NFNetClassifier
+from nfnet.train_checks import check_config
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,10 @@ def predict(cfg: DictConfig) -> int:
     device = classifier.to_device(cfg.device)
     items = iter_inputs(str(cfg.input), cfg.video.every_n_frames, cfg.video.max_frames)
     rows = predict_rows(classifier, items, cfg.top_k, cfg.batch_size, device)
+    # The first prediction opens the input: a camera or video that cannot be opened fails here,
+    # before an existing output file is truncated or a JSON list is begun on standard output.
+    first = next(rows, None)
+    rows = itertools.chain([] if first is None else [first], rows)
     if cfg.get("output"):
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
         with open(cfg.output, "w", newline="") as stream:
