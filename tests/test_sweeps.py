@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,10 @@ def _train(args: list[str], sweep_dir: Path, shapes_cache: Path) -> subprocess.C
             f"data.root={shapes_cache}", "print_config=false", f"hydra.sweep.dir={sweep_dir}",
             f"paths.log_dir={sweep_dir.parent / 'logs'}"]
     tiny += [f"data.shapes.{k}={v}" for k, v in SMALL_SHAPES.items()]
+    # The tests' folder on the path: a job may add a test-only callback (reliability_helpers).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, *tiny],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -72,6 +75,27 @@ def test_basic_multirun_runs_every_combination_in_its_own_directory(tmp_path, sh
         values = dict(o.split("=") for o in job["overrides"] if o.startswith("optim."))
         row = next(line.split() for line in lines[2:] if line.split()[0] == values["optim.agc.clipping"])
         assert row[1 + ["0.2", "0.4"].index(values["optim.base_lr"])] == f"{job['metrics']['val/acc_top1']:.4f}"
+
+
+@pytest.mark.slow
+def test_a_job_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, shapes_cache):
+    # Job 0 gets NaN batches from its first step and stops (1 non-finite step in a row is the
+    # limit here); job 1 trains normally. Divergence at large lambda x batch is what the AGC
+    # sweep measures, so it must not end the sweep or lose the other jobs.
+    sweep = tmp_path / "diverging"
+    result = _train(["-m", "optim.max_consecutive_skips=1", "+callbacks.nan._target_=reliability_helpers.InjectNonFinite",
+                     "+callbacks.nan.from_step=0,1000"], sweep, shapes_cache)
+    jobs = {next(o for o in job["overrides"] if "from_step" in o): job["metrics"] for job in _jobs(sweep)}
+    stopped, trained = jobs["+callbacks.nan.from_step=0"], jobs["+callbacks.nan.from_step=1000"]
+    assert "optim.max_consecutive_skips=1" in stopped["stopped"] and "stopped" not in trained
+    # The stopped job's last good weights were validated: a measured value, not a placeholder.
+    assert 0.0 <= stopped["val/acc_top1"] <= 1.0 and "val/loss" in stopped
+    assert "this job stopped" in result.stderr
+    from nfnet.sweeps import STOPPED_NOTE, summarize
+
+    lines = summarize(sweep).splitlines()
+    assert lines[-1] == STOPPED_NOTE
+    assert any(line.startswith(f"{stopped['val/acc_top1']:.4f}*".rjust(len("val/acc_top1"))) for line in lines)
 
 
 @needs_optuna

@@ -18,7 +18,7 @@ import yaml
 
 def load_jobs(sweep_dir: str | Path) -> list[tuple[dict[str, str], dict]]:
     """(overrides as key -> value, metrics) for every job directory; a job that did not finish
-    has empty metrics."""
+    has empty metrics, one that stopped early has a `stopped` entry saying why."""
     jobs = []
     for job_dir in sorted(Path(sweep_dir).iterdir(), key=lambda p: (len(p.name), p.name)):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
@@ -44,9 +44,14 @@ def swept_keys(jobs: list[tuple[dict[str, str], dict]]) -> list[str]:
     return [k for k in keys if len({overrides.get(k) for overrides, _ in jobs}) > 1]
 
 
+STOPPED_MARK = "*"
+STOPPED_NOTE = f"{STOPPED_MARK} the job stopped early (non-finite steps in a row): its last good weights' value"
+
+
 def _cell(metrics: dict, metric: str) -> str:
     value = metrics.get(metric)
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+    text = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+    return text + STOPPED_MARK if "stopped" in metrics else text
 
 
 def summarize(sweep_dir: str | Path, metric: str = "val/acc_top1") -> str:
@@ -63,10 +68,12 @@ def summarize(sweep_dir: str | Path, metric: str = "val/acc_top1") -> str:
         lines = [f"{metric} by {rows_key} (rows) and {cols_key} (columns)",
                  " " * width + "".join(f"  {c:>10}" for c in cols)]
         lines += [f"{r:>{width}}" + "".join(f"  {cells.get((r, c), ''):>10}" for c in cols) for r in rows]
-        return "\n".join(lines)
-    lines = [f"{metric}  " + "  ".join(keys)]
-    for overrides, metrics in sorted(jobs, key=lambda job: [_sort_key(job[0].get(k, "")) for k in keys]):
-        lines.append(f"{_cell(metrics, metric):>{len(metric)}}  " + "  ".join(f"{k}={overrides.get(k)}" for k in keys))
+    else:
+        lines = [f"{metric}  " + "  ".join(keys)]
+        for overrides, metrics in sorted(jobs, key=lambda job: [_sort_key(job[0].get(k, "")) for k in keys]):
+            lines.append(f"{_cell(metrics, metric):>{len(metric)}}  " + "  ".join(f"{k}={overrides.get(k)}" for k in keys))
+    if any("stopped" in metrics for _, metrics in jobs):
+        lines.append(STOPPED_NOTE)
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nfnet.checkpoints import refused_file_error
+from nfnet.checkpoints import TrainingStopped, refused_file_error
 from nfnet.config import ConfigError, per_device_batch_size
 from nfnet.data.datamodule import ImageDataModule
 from nfnet.module import NFNetClassifier
@@ -255,8 +255,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             except pickle.UnpicklingError as error:
                 raise refused_file_error("ckpt_path", ckpt_path, error) from None
+            except TrainingStopped as error:
+                if not _in_sweep():
+                    raise
+                # A sweep studies settings, and a setting that diverges (too large a lambda or LR
+                # for the batch) is one of its results: record it and let the other jobs run.
+                log.warning("this job stopped: %s; its last good weights are validated and the sweep goes on", error)
+                metrics["stopped"] = str(error)
+                trainer.validate(module, datamodule=datamodule, verbose=False)
             metrics.update(_as_floats(trainer.callback_metrics))
-        if cfg.get("test", False):
+        if cfg.get("test", False) and "stopped" not in metrics:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if best:
                 log.info("testing the best checkpoint: %s", best)
@@ -266,10 +274,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["best_model_path"] = trainer.checkpoint_callback.best_model_path
         if trainer.is_global_zero and cfg.paths.get("output_dir"):
             _write_json(os.path.join(cfg.paths.output_dir, "metrics.json"), metrics)
-        status = "success"
+        status = "failed" if "stopped" in metrics else "success"  # a stopped job shows as failed in wandb
         return metrics
     finally:
         _finish_loggers(loggers, status)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
