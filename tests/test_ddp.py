@@ -168,3 +168,30 @@ def test_agc_clips_the_averaged_gradient_and_replicas_stay_identical(tmp_path):
         assert torch.equal(value, final1[name]), name
     assert not torch.equal(final0["net.classifier.weight"], initial["classifier.weight"])
     assert any(k.startswith("ema_net.") for k in final0)
+
+
+@pytest.mark.slow
+def test_train_py_on_ddp_cpu_tests_after_fitting_and_keeps_every_csv_column(tmp_path, shapes_cache):
+    """`python train.py trainer=ddp_cpu` end to end: the fit and then the test each spawn their
+    processes; the CSV file written by the first spawn used to break the second one's rewrite."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), "trainer=ddp_cpu",
+         "trainer.max_epochs=1", "test=true", "logger=csv", "print_config=false", "~callbacks.rich_progress_bar",
+         "data.shapes.train_per_class=8", "data.shapes.val_per_class=2", "data.shapes.image_size=32",
+         "model.train_size=32", "model.test_size=32", "data.batch_size=4", "data.num_workers=0",
+         f"data.root={shapes_cache}", f"paths.log_dir={tmp_path}", f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "test/acc_top1" in metrics and "val/acc_top1" in metrics
+    (metrics_csv,) = run_dir.glob("csv/*/metrics.csv")
+    with open(metrics_csv, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert any(row["train/loss_step"] for row in rows) and any(row["test/acc_top1"] for row in rows)

@@ -8,6 +8,7 @@ the checkpoint. In a multirun each job is its own run, named after the job's ove
 
 from __future__ import annotations
 
+import csv
 import glob
 import logging
 import os
@@ -38,6 +39,25 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
         else:
             loggers.append(hydra.utils.instantiate(node))
     return loggers
+
+
+def continue_csv_files(loggers: list[Any]) -> None:
+    """Let this process's CSV writers append to a metrics.csv that other processes wrote.
+
+    Lightning's CSV writer rewrites the file under a header of the columns it has seen itself.
+    After a `ddp_spawn` fit the training columns were seen only by the spawned processes, so the
+    test that follows in a new spawn failed on the rows it read back ("dict contains fields not
+    in fieldnames"). Starting the writer from the file's own header keeps every column.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    for logger in loggers:
+        if not isinstance(logger, CSVLogger) or not os.path.isfile(logger.experiment.metrics_file_path):
+            continue
+        with open(logger.experiment.metrics_file_path, newline="") as file:
+            header = next(csv.reader(file), [])
+        writer = logger.experiment
+        writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
 
 
 def wandb_mode(requested: str | None) -> tuple[str, str | None]:

@@ -221,7 +221,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _resolve_resume(cfg)
 
     from nfnet.callbacks import StepSeed, WandbRunInCheckpoint
-    from nfnet.loggers import build_loggers
+    from nfnet.loggers import build_loggers, continue_csv_files
 
     datamodule = _setup_data(cfg)
     try:
@@ -268,6 +268,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if best:
                 log.info("testing the best checkpoint: %s", best)
+            continue_csv_files(loggers)
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(_as_floats(trainer.callback_metrics))
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
