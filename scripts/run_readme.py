@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(\w*)\s*$")
+BOX_DRAWING = set("━│┃└┘┌┐┏┓┗┛┡┩╇┳┻╋─├┤┬┴┼")
 
 
 @dataclass
@@ -111,14 +112,21 @@ def report(commands: list[Command], log_dir: Path) -> tuple[str, bool]:
     for index, command in enumerate(commands):
         code, seconds = status[index]
         output = [line for line in (log_dir / f"{index}.log").read_text(errors="replace").splitlines() if line.strip()]
-        last = output[-1] if output else ""
+        last = next((line.strip() for line in reversed(output) if _is_text(line)), "")
         if command.expected:
             met = len(output) == len(command.expected) and all(map(matches, command.expected, output))
             expectations_met &= met
             last = ("as in the README: " if met else "DIFFERS from the README: ") + last
-        text = command.text.splitlines()[0] + (" ..." if "\n" in command.text else "")
-        rows.append(f"| {command.line} | `{text}` | {code} | {seconds:.0f} | {_cell(last)} |")
+        # The first line, without its trailing comment: the table shows what was run.
+        text = re.sub(r"\s+# .*$", "", command.text.splitlines()[0]) + (" ..." if "\n" in command.text else "")
+        rows.append(f"| {command.line} | `{_cell(text, limit=400)}` | {code} | {seconds:.0f} | {_cell(last)} |")
     return "\n".join(rows) + "\n", expectations_met
+
+
+def _is_text(line: str) -> bool:
+    """Not part of Lightning's rich progress bar or tables: box drawing, or its metrics column
+    (right-aligned far into the line)."""
+    return not set(line) & BOX_DRAWING and len(line) - len(line.lstrip()) < 20
 
 
 def _cell(text: str, limit: int = 160) -> str:

@@ -66,3 +66,17 @@ def test_the_readme_yields_its_commands():
     assert sum(1 for c in commands if c.expected) >= 4  # the bad-override examples
     assert any(t.startswith("python - <<'PY'") and "onnxruntime" in t for t in texts)
     assert all(t.startswith(("python", "bash", "RUN=", "SHAPES=", "PREV=")) for t in texts)
+
+
+def test_the_report_shows_the_command_without_its_comment_and_the_last_line_of_text(tmp_path):
+    commands = run_readme.readme_commands(SAMPLE)[:3]
+    (tmp_path / "status").write_text("0 0 10.0 10.5\n1 0 10.5 40.5\n2 2 40.5 43.0\n")
+    (tmp_path / "0.log").write_text("")
+    (tmp_path / "1.log").write_text("[INFO] - wrote eval.json\nTesting ━━━━━━━━ 4/4\n" + " " * 40 + "0.503\n")
+    (tmp_path / "2.log").write_text("config error: x=1 is bad; choose one of: a, b, c\n")
+    table, expectations_met = run_readme.report(commands, tmp_path)
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| 4 | `RUN=$(ls -d logs/* \\| tail -n 1)` | 0 | 0 |  |"
+    assert rows[1] == "| 6 | `python eval.py ckpt_path=$RUN/last.ckpt` | 0 | 30 | [INFO] - wrote eval.json |"
+    assert rows[2].endswith("| 2 | 2 | as in the README: config error: x=1 is bad; choose one of: a, b, c |")
+    assert expectations_met
