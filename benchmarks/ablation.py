@@ -80,15 +80,11 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="nfnet_f0")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--precision", default="fp32", choices=common.DTYPES)
     ap.add_argument("--layout", default="nchw", choices=("nchw", "cl"))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(RESULT))
+    common.add_run_arguments(ap, rounds=5, out=RESULT)
     args = ap.parse_args()
     device = common.setup_device(args.device, args.threads)
     from nfnet.models import get_variant

@@ -1,5 +1,6 @@
-"""Shared by the model benchmarks (train_step.py, eval_step.py, vs_efficientnet.py, suite.py):
-machine description, interleaved timing, peak memory and the measured matmul peak.
+"""Shared by the model benchmarks (train_step.py, eval_step.py, vs_efficientnet.py, ablation.py,
+suite.py): their common options, machine description, interleaved timing, peak memory and the
+measured matmul peak.
 
 Timing rule of every benchmark here: the compared models run in interleaved rounds (one step of
 each per round), so load from other processes on a shared machine hits them alike, and each
@@ -31,6 +32,16 @@ if str(ROOT / "src") not in sys.path:
 # The issue's CPU machine has 2 cores; benchmarks pin the thread count so runs compare.
 CPU_THREADS = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_run_arguments(parser, *, rounds: int, out: Path) -> None:
+    """The options every model benchmark takes: where it runs, how many interleaved rounds it
+    times, and where its results go."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=rounds, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compilation included)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=str(out))
 
 
 def setup_device(device: str, threads: int | None = None) -> torch.device:

@@ -65,7 +65,6 @@ def make_step(model: torch.nn.Module, args, precision: str, layout: str, device:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="nfnet_f0")
     ap.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     ap.add_argument("--size", type=int, default=None, help="default: the variant's test size")
@@ -73,10 +72,7 @@ def main() -> None:
     ap.add_argument("--exec", dest="execution", nargs="+", default=["eager"],
                     choices=("eager", "compile"))
     ap.add_argument("--layout", nargs="+", default=["nchw", "cl"], choices=("nchw", "cl"))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(RESULT))
+    common.add_run_arguments(ap, rounds=7, out=RESULT)
     args = ap.parse_args()
     device = common.setup_device(args.device, args.threads)
     from nfnet.models import get_variant

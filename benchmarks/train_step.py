@@ -98,7 +98,6 @@ def memory_probe(args, device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default="nfnet_f0")
     ap.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     ap.add_argument("--size", type=int, default=None, help="default: the variant's train size")
@@ -111,14 +110,11 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true",
                     help="leave timm fp32 eager NCHW out of the rounds (e.g. with --exec compile "
                          "only: an eager model between compiled ones can slow both on CPU)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per mode")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds (compile included)")
     ap.add_argument("--memory", choices=("none", "eager", "all"), default=None,
                     help="which modes get a peak-memory probe (default: eager on CPU, all on CUDA)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(RESULT))
     ap.add_argument("--memory-probe", nargs=4, metavar=("IMPL", "PREC", "EXEC", "LAYOUT"),
                     help=argparse.SUPPRESS)
+    common.add_run_arguments(ap, rounds=5, out=RESULT)
     args = ap.parse_args()
     device = common.setup_device(args.device, args.threads)
     from nfnet.models import get_variant

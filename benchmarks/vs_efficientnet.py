@@ -65,14 +65,10 @@ def make_step(model, size, batch, precision, device, layout):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--precision", default="fp32", choices=common.DTYPES)
     ap.add_argument("--layout", default="nchw", choices=("nchw", "cl"))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(RESULT))
+    common.add_run_arguments(ap, rounds=3, out=RESULT)
     args = ap.parse_args()
     device = common.setup_device(args.device, args.threads)
     import torchvision
