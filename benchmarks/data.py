@@ -6,8 +6,9 @@ One process, one thread (``torch.set_num_threads(1)``), as inside a DataLoader w
 pipelines read the same generated 500x375 JPEGs (written with ``torchvision.io.encode_jpeg``
 into a temp dir) and decode them with the same ``torchvision.io`` decoder:
 
-* official (this project): decode -> InceptionCrop (TF crop, flip, TF bicubic resize) ->
-  MixUp/CutMix of 2B raw images into B examples -> RandAugment N x M per mixed image;
+* official (this project): decode -> InceptionCrop (TF crop, flip, TF bicubic resize, float
+  pixels as TF leaves them) -> MixUp/CutMix of 2B raw images into B examples in float, clipped
+  and truncated to uint8 -> RandAugment N x M per mixed image;
 * torchvision: decode -> v2.RandomResizedCrop + v2.RandomHorizontalFlip ->
   v2.RandAugment(num_ops=N, magnitude matched, fill 128) -> v2.RandomChoice([CutMix, MixUp])
   on the batch, cast to float first as v2.MixUp requires (B raw images -> B examples, as
@@ -37,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg
 from torchvision.transforms import v2
 
 from nfnet.data.folder import load_rgb
-from nfnet.data.mixing import mixup_cutmix
+from nfnet.data.mixing import OfficialCollate
 from nfnet.data.randaugment import RandAugment, parse_ra_level
 from nfnet.data.transforms import InceptionCrop
 
@@ -82,14 +83,13 @@ class Timer:
         return statistics.median(sum(r.values()) for r in self.rounds)
 
 
-def official_batch(paths, crop, ra, num_classes, timer):
+def official_batch(paths, crop, mix, ra, num_classes, timer):
     t0 = time.perf_counter()
     decoded = [load_rgb(p) for p in paths]  # 2B raw images
     t0 = timer.add("decode", t0)
-    cropped = torch.stack([crop(img) for img in decoded])
+    cropped = [(crop(img), i % num_classes) for i, img in enumerate(decoded)]
     t0 = timer.add("crop+resize", t0)
-    labels = torch.arange(len(paths)) % num_classes
-    mixed, targets = mixup_cutmix(cropped, labels, num_classes)
+    mixed, targets = mix(cropped)  # the loader's collate without RandAugment: float mixing, truncation
     t0 = timer.add("mix", t0)
     out = torch.stack([ra(img) for img in mixed])
     timer.add("RandAugment", t0)
@@ -129,7 +129,8 @@ def main() -> None:
         paths = make_jpegs(Path(tmp), 2 * b)
         jpeg_kb = statistics.mean(os.path.getsize(p) for p in paths) / 1024
 
-        ours_crop, ours_ra = InceptionCrop(args.size), RandAugment(layers, mag)
+        ours_crop, ours_ra = InceptionCrop(args.size, dtype=torch.float32), RandAugment(layers, mag)
+        ours_mix = OfficialCollate(k)
         tv_crop = v2.Compose([v2.RandomResizedCrop(args.size, antialias=True),
                               v2.RandomHorizontalFlip()])  # fmt: skip
         # torchvision's magnitude bins: bin 3*M of 31 is the fraction M/10 of each op's maximum
@@ -140,13 +141,13 @@ def main() -> None:
 
         ours_t, tv_t = Timer(), Timer()
         # Warm-up (caches, lazy inits), untimed.
-        official_batch(paths, ours_crop, ours_ra, k, Timer())
+        official_batch(paths, ours_crop, ours_mix, ours_ra, k, Timer())
         torchvision_batch(paths[:b], tv_crop, tv_ra, tv_mix, k, Timer())
         for i in range(args.batches):
             # torchvision: B raw -> B examples; alternate halves so both read every file.
             half = paths[:b] if i % 2 == 0 else paths[b:]
             runs = [
-                lambda: official_batch(paths, ours_crop, ours_ra, k, ours_t),  # 2B raw -> B
+                lambda: official_batch(paths, ours_crop, ours_mix, ours_ra, k, ours_t),  # 2B raw -> B
                 lambda: torchvision_batch(half, tv_crop, tv_ra, tv_mix, k, tv_t),
             ]
             for run in runs if i % 2 == 0 else runs[::-1]:

@@ -126,3 +126,24 @@ class CorruptWeightsAtStep(pl.Callback):
         if trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.net.parameters()).view(-1)[0] = float("nan")
+
+
+class EpochLog(pl.Callback):
+    """Appends `<epoch> <batches trained in it> <global_step>` to `path` at every validation of a
+    fit (sanity checks excluded): where each epoch ended and that validation ran there."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._batches = 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.current_epoch} {self._batches} {trainer.global_step}\n")

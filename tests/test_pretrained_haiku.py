@@ -143,6 +143,33 @@ def test_old_haiku_containers_load_as_plain_dicts(tmp_path, monkeypatch):
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
+def test_protocol_2_pickle_of_a_numpy_1_era_file_loads(tmp_path):
+    """numpy 1.x wrote checkpoints with pickle protocol 2, which stores an array's bytes through
+    `_codecs.encode(str, "latin1")`; that global turns a str into bytes and is allowed."""
+    model = randomized("nfnet_tiny")
+    path = tmp_path / "protocol2.npz"
+    payload = pickle.dumps(to_haiku(model), protocol=2)
+    assert b"_codecs\nencode" in payload
+    # numpy 1.x names its reconstructor numpy.core.multiarray (numpy 2 writes numpy._core).
+    path.write_bytes(payload.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    loaded = load_haiku_checkpoint(path)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("args,refused", [
+    (("x", "utf-16"), "utf-16"),  # only latin1, the protocol's own use
+    ((b"x", "latin1"), "bytes"),
+])
+def test_codecs_encode_is_allowed_only_as_latin1_str_to_bytes(tmp_path, args, refused):
+    import _codecs
+
+    path = tmp_path / "evil.npz"
+    with open(path, "wb") as f:
+        pickle.dump(_Exploit(_codecs.encode, *args), f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=refused):
+        load_haiku_checkpoint(path)
+
+
 class _Exploit:
     """A pickle payload that calls `func(*args)` when unpickled."""
 

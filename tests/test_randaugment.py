@@ -99,11 +99,22 @@ def test_posterize_lower_magnitude_is_stronger():
     assert torch.equal(op("Posterize", x, 20), x)  # 8 bits
 
 
-def test_solarize_and_noop_from_m10():
+@pytest.mark.parametrize("magnitude", [5, 10, 15])
+def test_solarize_threshold_wraps_modulo_256_like_the_uint8_comparison(magnitude):
+    # Official: threshold int(M/10*256) = 128 / 256 / 384, compared with a uint8 image, which
+    # wraps it to 128 / 0 / 128 (NFNET_SPEC §4.4): M=10 inverts every pixel, M=15 acts as M=5.
+    wrapped = {5: 128, 10: 0, 15: 128}[magnitude]
+    values = torch.arange(256, dtype=torch.uint8)
+    x = values.view(1, 16, 16).expand(3, 16, 16).contiguous()
+    expected = torch.where(values < wrapped, values, 255 - values).view(1, 16, 16).expand(3, 16, 16)
+    assert torch.equal(op("Solarize", x, magnitude), expected)
+
+
+def test_solarize_on_known_pixels():
     x = img_from([[0, 127, 128, 200, 255]])
     assert op("Solarize", x, 5)[0].tolist() == [[0, 127, 127, 55, 0]]  # >= 128 inverted
-    assert torch.equal(op("Solarize", x, 10), x)  # threshold 256
-    assert torch.equal(op("Solarize", x, 15), x)  # threshold 384
+    assert op("Solarize", x, 10)[0].tolist() == [[255, 128, 127, 55, 0]]  # threshold 256 -> 0: all
+    assert op("Solarize", x, 15)[0].tolist() == [[0, 127, 127, 55, 0]]  # threshold 384 -> 128
 
 
 def test_solarize_add():

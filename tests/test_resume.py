@@ -2,8 +2,10 @@
 
 Every run here is `python train.py` in its own process. The faults are injected by test-only
 callbacks (tests/reliability_helpers.py) at a given step, never after a given time. The run:
-80 shapes images at 32 px, the official augmentation (MixUp/CutMix + RandAugment in the collate),
-dropout and stochastic depth on, 5 steps per epoch, 2 epochs, a step checkpoint every 2 steps.
+80 shapes images at 32 px, the official augmentation (MixUp/CutMix + RandAugment in the collate:
+2 raw images per example), dropout and stochastic depth on, batches of 12 examples, so epochs of
+80 examples are 6 and 7 steps long (one step straddles the two epochs' examples), 2 epochs, a
+step checkpoint every 2 steps.
 The comparison covers every tensor of the final checkpoint (weights, EMA weights, momentum
 buffers), the LR scheduler, the loop counters and the data position, plus a log of the hash of
 every training batch (data order and augmentation).
@@ -22,11 +24,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-STEPS_PER_EPOCH = 5
+EXAMPLES, BATCH = 80, 12
+
+
+def steps_after(epochs: int) -> int:
+    """Optimizer steps in `epochs` epochs of EXAMPLES examples (nfnet.data.sampling.epoch_steps)."""
+    return epochs * EXAMPLES // BATCH
+
+
 RUN = [
     "logger=none", "print_config=false", "test=false",
     "data.shapes.train_per_class=8", "data.shapes.val_per_class=2", "data.shapes.image_size=32",
-    "model.train_size=32", "model.test_size=32", "data.batch_size=8", "data.eval_batch_size=32",
+    "model.train_size=32", "model.test_size=32", f"data.batch_size={BATCH}", "data.eval_batch_size=32",
     "data.num_workers=0", "augment=official", "model.stochdepth_rate=0.1", "model.drop_rate=0.2",
     "trainer.max_epochs=2", "trainer.deterministic=true", "trainer.log_every_n_steps=1",
     "callbacks.step_checkpoint.every_n_train_steps=2",
@@ -137,16 +146,16 @@ def test_killed_at_an_epoch_boundary_resumes_bit_exactly_with_resume_true(tmp_pa
     # resumed in a new run directory, which finds that checkpoint by itself. With persistent
     # loader workers Lightning starts the loader before it moves the sampler to epoch 1: a
     # sampler still in the finished epoch 0 used to make epoch 1 train on nothing.
-    _, resumed = _kill_and_resume(tmp_path, reference, step=STEPS_PER_EPOCH, when="start", resume_args=["resume=true"],
+    _, resumed = _kill_and_resume(tmp_path, reference, step=steps_after(1), when="start", resume_args=["resume=true"],
                                   workers=workers)
     assert "resume=true: resuming from" in resumed.stderr and "killed" in resumed.stderr
 
 
 @pytest.mark.slow
 def test_killed_inside_a_step_resumes_bit_exactly_with_other_worker_count(tmp_path, reference):
-    # Killed inside step 7 (epoch 1) before its checkpoint: the work since step 6 is redone, this
+    # Killed inside step 9 (epoch 1) before its checkpoint: the work since step 8 is redone, this
     # time by 2 loader workers instead of none, which must not change a bit.
-    _kill_and_resume(tmp_path, reference, step=7, when="end", resume_args=["ckpt_path=last"], workers=2)
+    _kill_and_resume(tmp_path, reference, step=9, when="end", resume_args=["ckpt_path=last"], workers=2)
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, shapes_cache):
@@ -188,7 +197,7 @@ def test_resuming_in_process_from_a_mid_epoch_checkpoint_is_bit_exact(cfg_train,
         return directory / "checkpoints"
 
     full = run(tmp_path / "full")
-    resumed = run(tmp_path / "from-2", str(full / "step-step=2.ckpt"))  # mid-epoch: 5 steps per epoch
+    resumed = run(tmp_path / "from-2", str(full / "step-step=2.ckpt"))  # mid-epoch: 6 steps in epoch 0
     assert_same_run(resumed / "last.ckpt", full / "last.ckpt")
 
 
@@ -217,16 +226,16 @@ def test_resuming_with_more_epochs_stretches_the_schedule_instead_of_training_at
         return torch.load(directory / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
     first = run(tmp_path / "two", 2)
-    assert first["global_step"] == 2 * STEPS_PER_EPOCH and first["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
+    assert first["global_step"] == steps_after(2) and first["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
     lr_log.unlink()
     longer = run(tmp_path / "three", 3, str(tmp_path / "two" / "checkpoints" / "last.ckpt"))
-    assert longer["global_step"] == 3 * STEPS_PER_EPOCH  # the added epoch trained all its batches
+    assert longer["global_step"] == steps_after(3)  # the added epoch trained all its batches
     rates = {int(step): float(lr) for step, lr in (line.split() for line in lr_log.read_text().splitlines())}
-    assert sorted(rates) == list(range(2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH))
+    assert sorted(rates) == list(range(steps_after(2), steps_after(3)))
     cfg = cfg_train(overrides)
     peak = scale_lr(cfg.optim.base_lr, cfg.data.batch_size)
-    total = 3 * STEPS_PER_EPOCH
-    warmup = cfg.optim.warmup_epochs * STEPS_PER_EPOCH
+    total = steps_after(3)
+    warmup = cfg.optim.warmup_epochs * EXAMPLES / BATCH
     for step, lr in rates.items():
         assert lr == pytest.approx(warmup_cosine(step, peak, warmup, total)) and lr > 0
     assert longer["lr_schedulers"][0]["lr_lambdas"][0]["total_steps"] == total

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from omegaconf import open_dict
 
 from conftest import ready_datamodule
 from nfnet import tasks
@@ -45,6 +46,22 @@ def test_a_short_run_lowers_the_training_loss(cfg_train):
     assert len(losses) >= 60  # 240 images / 16 per step * 6 epochs = 90 steps
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first - 0.1, (first, last)
+
+
+@pytest.mark.parametrize("augment", ["official", "basic"])
+def test_an_epoch_is_n_training_examples_with_or_without_mixing(cfg_train, tmp_path, augment):
+    """240 images in steps of 36 examples: epochs of 6, 7 and 7 steps (the step that straddles
+    two epochs' examples belongs to the later), validated at the end of each, 20 steps in all
+    (3 * 240 // 36), whether or not MixUp/CutMix reads 2 raw images per example."""
+    log = tmp_path / f"epochs-{augment}.log"
+    cfg = cfg_train([f"augment={augment}", "data.batch_size=36", "trainer.max_epochs=3", "test=false",
+                     "callbacks=none", "model.train_size=32", "model.test_size=32"])
+    with open_dict(cfg):
+        cfg.callbacks = {"epochs": {"_target_": "reliability_helpers.EpochLog", "path": str(log)}}
+    tasks.train(cfg)
+    assert [line.split() for line in log.read_text().splitlines()] == [
+        ["0", "6", "6"], ["1", "7", "13"], ["2", "7", "20"],
+    ]
 
 
 @pytest.mark.slow

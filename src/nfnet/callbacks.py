@@ -121,3 +121,36 @@ class StepSeed(pl.Callback):
         torch.default_generator.manual_seed(seed)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.manual_seed(seed)  # this process's device; no host sync
+
+
+class EpochLength(pl.Callback):
+    """Tells Lightning how many batches this epoch has when the training sampler knows it.
+
+    An epoch is N training examples cut from one endless stream (nfnet.data.sampling), so
+    consecutive epochs differ by one step when N is not a multiple of the step's examples.
+    Lightning sizes every epoch by the loader's length, which is the longest epoch's; it would
+    then never reach its end-of-epoch validation in a shorter one. Before each epoch (and at the
+    start of a run, which may resume mid-epoch) this sets the epoch's batch count and the
+    validation point from the sampler's `batches_in_epoch`. Put it before the progress bar, so
+    that the bar shows the epoch's own length.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer)
+
+    @staticmethod
+    def _apply(trainer: pl.Trainer) -> None:
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not hasattr(sampler, "batches_in_epoch"):
+            return  # another sampler (overfit_batches swaps in a sequential one): Lightning's count stands
+        batches = sampler.batches_in_epoch(sampler.epoch)
+        limit = trainer.limit_train_batches  # as Lightning reads it: a count, or a fraction of the length
+        batches = min(batches, limit if isinstance(limit, int) else int(len(loader) * limit))
+        trainer.fit_loop.max_batches = batches
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and trainer.val_check_batch is not None:
+            trainer.val_check_batch = max(1, int(batches * interval))

@@ -27,7 +27,7 @@ from nfnet.data.transforms import normalize
 from nfnet.models import create_model
 from nfnet.optim.agc import AdaptiveGradClipper
 from nfnet.optim.param_groups import agc_named_parameters, optimizer_param_groups, stage_of
-from nfnet.optim.schedule import ema_decay, scale_lr, warmup_cosine_scheduler
+from nfnet.optim.schedule import ema_decay, scale_lr, schedule_lengths, warmup_cosine_scheduler
 from nfnet.xla import ema_weights_on_device, forward_in_dtype, log_global_accuracy, log_train_step_xla, on_xla
 
 TOP_K = (1, 5)
@@ -302,6 +302,26 @@ class NFNetClassifier(pl.LightningModule):
             raise ValueError("NFNetClassifier needs a datamodule with a `batch_size` to scale the learning rate")
         return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
+    def _schedule_lengths(self) -> tuple[float, int]:
+        """(warmup steps, total steps) of this run's LR schedule.
+
+        The official count when the run is whole epochs of the datamodule's training examples:
+        ``E * N // global batch`` steps and ``warmup_epochs * N / global batch`` warmup (the
+        sampler cuts epochs from one stream of examples, so the run takes exactly these steps).
+        A run that Lightning cuts shorter (max_steps, limit_train_batches, fast_dev_run,
+        overfit_batches) follows Lightning's own count instead.
+        """
+        trainer = self.trainer
+        bound = max(1, trainer.estimated_stepping_batches)
+        examples = getattr(trainer.datamodule, "num_train_examples", None)
+        epochs = trainer.max_epochs
+        if examples and epochs and epochs > 0:
+            warmup, total = schedule_lengths(examples, self.global_batch_size(), epochs, self.hparams.warmup_epochs)
+            if total <= bound:
+                return warmup, total
+        per_epoch = bound / max(1, epochs or 1)
+        return self.hparams.warmup_epochs * per_epoch, bound
+
     def configure_optimizers(self):
         peak_lr = scale_lr(self.hparams.base_lr, self.global_batch_size(), self.hparams.reference_batch)
         optimizer = torch.optim.SGD(
@@ -310,10 +330,9 @@ class NFNetClassifier(pl.LightningModule):
             momentum=self.hparams.momentum,
             nesterov=self.hparams.nesterov,
         )
-        total_steps = max(1, self.trainer.estimated_stepping_batches)
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps, total_steps = self._schedule_lengths()
         # A run shorter than its warmup (fast_dev_run, a smoke test) still gets a valid schedule.
-        warmup_steps = min(self.hparams.warmup_epochs * steps_per_epoch, total_steps - 1)
+        warmup_steps = min(warmup_steps, total_steps - 1)
         scheduler = warmup_cosine_scheduler(optimizer, warmup_steps, total_steps, self.hparams.end_lr / peak_lr)
         # A checkpoint restores the schedule it was written with; on_train_start compares.
         self._configured_schedule = [vars(fn).copy() for fn in scheduler.lr_lambdas]

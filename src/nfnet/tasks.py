@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nfnet.checkpoints import TrainingStopped, refused_file_error
-from nfnet.config import ConfigError, per_device_batch_size
+from nfnet.config import ConfigError, per_device_batch_size, world_size
 from nfnet.data.datamodule import ImageDataModule
 from nfnet.module import NFNetClassifier
 from nfnet.train_checks import check_config
@@ -178,6 +178,14 @@ def _setup_data(cfg: DictConfig) -> ImageDataModule:
         raise ConfigError(f"data.root={str(cfg.data.root)!r}: {error}") from None
     except ValueError as error:  # an empty split, a folder with no images, too many bad files
         raise ConfigError(f"data.root={str(cfg.data.root)!r}: {' '.join(str(error).split())}") from None
+    replicas = world_size(cfg)
+    step_examples = datamodule.batch_size * (replicas or 1)
+    if cfg.get("train", True) and datamodule.num_train_examples < step_examples:
+        raise ConfigError(
+            f"data.root={str(cfg.data.root)!r}: the training split has {datamodule.num_train_examples} images, fewer "
+            f"than one optimizer step takes ({step_examples} = data.batch_size {datamodule.batch_size} x devices x "
+            "nodes x accumulate_grad_batches); lower data.batch_size or add images"
+        )
     return datamodule
 
 
@@ -220,7 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
     _resolve_resume(cfg)
 
-    from nfnet.callbacks import StepSeed, WandbRunInCheckpoint
+    from nfnet.callbacks import EpochLength, StepSeed, WandbRunInCheckpoint
     from nfnet.loggers import build_loggers, continue_csv_files
 
     datamodule = _setup_data(cfg)
@@ -228,7 +236,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, datamodule.num_classes, datamodule.classes)
     except pickle.UnpicklingError as error:  # model.pretrained: the loaders refuse pickled code
         raise refused_file_error("model.pretrained", cfg.model.pretrained, error) from None
-    callbacks = _instantiate_all(cfg.get("callbacks"))
+    # First, so that the progress bar reads each epoch's own length.
+    callbacks = [EpochLength(), *_instantiate_all(cfg.get("callbacks"))]
     plugins = _checkpoint_plumbing(cfg, callbacks, module)
     # Dropout/stochastic-depth masks from (seed, epoch, batch): the same after a resume.
     callbacks.append(StepSeed(cfg.get("seed")))

@@ -2,9 +2,11 @@
 
 Batches leave the workers as uint8 (3, H, W) images, 4x fewer bytes than float, and the
 LightningModule normalizes them on the device. With `augment="official"` each loader batch holds
-2B raw images that the collate function mixes into B examples (half MixUp, half CutMix) and then
-RandAugments, as DeepMind's pipeline does; targets are then soft (B, K) float distributions.
-Otherwise targets are integer labels.
+2B raw images (float, as the official resize leaves them) that the collate function mixes into
+B examples (half MixUp, half CutMix), truncates to uint8 and then RandAugments, as DeepMind's
+pipeline does; targets are then soft (B, K) float distributions. Otherwise targets are integer
+labels. An epoch is N training examples whatever the mixing (2N raw reads with it), so a run
+takes the official number of steps (nfnet.data.sampling).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from nfnet.data.folder import ImageFolderDataset, scan_image_folder, seeded_split
-from nfnet.data.mixing import MixingCollate
+from nfnet.data.mixing import OfficialCollate
 from nfnet.data.randaugment import RandAugment, parse_ra_level
 from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
 from nfnet.data.shapes import ShapesSpec, ensure_shapes_dataset
@@ -127,19 +129,19 @@ class ImageDataModule(pl.LightningDataModule):
     def _train_transform(self):
         h = self.hparams
         if h.augment == "official":
-            return InceptionCrop(h.train_size)
+            return InceptionCrop(h.train_size, dtype=torch.float32)
         if h.augment == "basic":
             return BasicTrainTransform(h.train_size, scale=(h.crop_min_area, 1.0))
         return ResizeCropEval(h.train_size, pad=h.eval_pad)
 
-    def _train_collate(self):
+    def _train_collate(self) -> OfficialCollate | None:
         h = self.hparams
-        if h.augment != "official" or not (h.mixup or h.cutmix):
+        if h.augment != "official":
             return None
         randaugment = None
         if h.ra_level:
             randaugment = RandAugment(*parse_ra_level(h.ra_level))
-        return MixingCollate(
+        return OfficialCollate(
             self.num_classes, randaugment=randaugment, mixup_alpha=h.mixup_alpha, mixup=h.mixup, cutmix=h.cutmix
         )
 
@@ -158,26 +160,34 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=collate_fn,
         )
 
+    @property
+    def num_train_examples(self) -> int:
+        """N, the training examples of one epoch (the train split's images, whatever the mixing)."""
+        if self.train_set is None:
+            raise RuntimeError("call prepare_data() and setup() before asking for num_train_examples")
+        return len(self.train_set)
+
     def train_dataloader(self) -> DataLoader:
         collate = self._train_collate()
-        # Mixing turns 2 raw images into 1 example, so the loader reads twice the batch.
-        raw_batch = 2 * self.batch_size if collate is not None else self.batch_size
-        # drop_last keeps every training step the same shape (XLA and compile never recompile).
-        # Order and augmentation draws are functions of (seed, epoch, position), and the sampler
-        # starts where a resumed checkpoint stopped (nfnet.data.sampling; state_dict below).
+        # Every loader batch is whole (XLA and compile never recompile). Order and augmentation
+        # draws are functions of (seed, position in the stream), and the sampler starts where a
+        # resumed checkpoint stopped (nfnet.data.sampling; state_dict below).
         resume = getattr(self, "_resume_position", None) or {}
         self._data_seed = resume.get("seed", getattr(self, "_data_seed", None))
         if self._data_seed is None:
             self._data_seed = torch.initial_seed()  # seed_everything's seed, or the process's random one
         trainer = self.trainer
         sampler = ResumableSampler(
-            len(self.train_set), raw_batch, self._data_seed,
+            len(self.train_set), self.batch_size, self._data_seed,
             num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
             epoch=resume.get("epoch", 0), start_batch=resume.get("batches", 0),
+            # Mixing turns 2 raw images into 1 example, so the loader reads twice the batch.
+            reads_per_example=collate.reads_per_example if collate is not None else 1,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1,
         )
         self._resume_position = None
         return self._loader(
-            SeededDataset(self.train_set), raw_batch, shuffle=False, drop_last=True,
+            SeededDataset(self.train_set), sampler.raw_batch, shuffle=False, drop_last=True,
             collate_fn=SeededCollate(collate), sampler=sampler,
         )
 

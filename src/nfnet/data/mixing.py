@@ -17,16 +17,14 @@ Odd B (the official code would silently drop an example): ``ceil(B/2)`` MixUp an
 ``floor(B/2)`` CutMix outputs, keeping the same raw-image layout.
 
 Everything is mask-based and shape-static (no data-dependent slicing), so it runs unchanged on
-CPU uint8 batches in a collate function and on accelerator tensors, XLA included. On CPU uint8
-(the loader workers) MixUp looks each pair up in a per-example table of all 256 x 256 results
-and CutMix selects in integer arithmetic instead of ``torch.where``: the same bytes, faster.
-Random draws are made on the CPU (torch's global RNG or ``generator``) and moved to the
+CPU float batches in a collate function and on accelerator tensors, XLA included. Random draws are made on the CPU (torch's global RNG or ``generator``) and moved to the
 images' device, so results do not depend on the device and DataLoader worker seeding makes
 them reproducible.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -84,40 +82,91 @@ def cutmix_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (in_y[:, :, None] & in_x[:, None, :])[:, None]
 
 
-_U8_VALUES = torch.arange(256, dtype=torch.float32)
-
-
-def _blend_uint8_table(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """:func:`_blend` of one uint8 CPU pair via a 256 x 256 table of every (a, b) result: the
-    same float32 operations on the same operands, so the same bytes, ~2x faster on CPU."""
-    table = (_U8_VALUES.view(256, 1) * lam) + (_U8_VALUES.view(1, 256) * (1 - lam))
-    table = table.clamp_(0, 255).to(torch.int32).to(torch.uint8).view(-1)
-    idx = a.to(torch.int32).mul_(256).add_(b)
-    return table.index_select(0, idx.view(-1)).view(a.shape)
-
-
 def _blend(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    if a.dtype == torch.uint8 and a.device.type == "cpu" and lam.device.type == "cpu":
-        return torch.stack([_blend_uint8_table(x, y, l) for x, y, l in zip(a, b, lam)])
+    """The official ``ratio * a + (1 - ratio) * b`` in float32, per example."""
     lam = lam.view(-1, 1, 1, 1)
     if a.is_floating_point():
         return lam.to(a.dtype) * a + (1 - lam).to(a.dtype) * b
-    # The official pipeline mixes float images, then clips to [0, 255] and truncates to uint8
-    # before RandAugment: do the same (uint8 in -> uint8 out).
-    # Same float32 operations as the official `ratio * a + (1 - ratio) * b`, done in place.
-    out = a.to(torch.float32).mul_(lam)
-    out.add_(b.to(torch.float32).mul_(1 - lam))
-    # Truncation through int32: the same values as a direct float -> uint8 cast, and several
-    # times faster on CPU.
-    return out.clamp_(0, 255).to(torch.int32).to(a.dtype)
+    # Integer images (uint8 batches on an accelerator): blended in float32, then clipped and
+    # truncated as the official pipeline casts before RandAugment.
+    out = a.to(torch.float32) * lam + b.to(torch.float32) * (1 - lam)
+    return truncate_to_uint8(out).to(a.dtype)
 
 
-def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.where(mask, a, b)``; for integer images as ``b + mask * (a - b)``, exact in
-    wrap-around integer arithmetic and much faster than ``torch.where`` on CPU uint8."""
-    if a.is_floating_point() or a.dtype == torch.bool:
-        return torch.where(mask, a, b)
-    return (a - b).mul_(mask.to(a.dtype)).add_(b)
+def truncate_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float pixels -> uint8 as the official pipeline casts after mixing: clipped to [0, 255],
+    then truncated (not rounded). Through int32: the same values as a direct cast, and several
+    times faster on CPU."""
+    return images.clamp(0, 255).to(torch.int32).to(torch.uint8)
+
+
+@dataclass
+class MixingDraws:
+    """One batch's random draws: ``n_mix`` MixUp lambdas and ``n_cut`` CutMix boxes, for
+    ``2 * (n_mix + n_cut)`` raw images of ``height`` x ``width`` in the layout of the module doc
+    (outputs ``[0, n_mix)`` MixUp raw ``i`` with ``n_mix + i``, then CutMix raw
+    ``2 n_mix + j`` with ``2 n_mix + n_cut + j``). CPU tensors; applying them is deterministic.
+    """
+
+    mixup_lam: torch.Tensor  # (n_mix,) float32: the first image's weight
+    boxes: torch.Tensor  # (n_cut, 4) int64: (y1, y2, x1, x2), the first image inside
+    height: int
+    width: int
+
+    @property
+    def n_mix(self) -> int:
+        return self.mixup_lam.shape[0]
+
+    @property
+    def n_cut(self) -> int:
+        return self.boxes.shape[0]
+
+    def lam(self) -> torch.Tensor:
+        """(B,) float32: the first image's share of each output (for CutMix its kept area,
+        exactly the mask's mean, the official ``ratio``)."""
+        area = (self.boxes[:, 1] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 2])
+        return torch.cat([self.mixup_lam, area.to(torch.float32) / (self.height * self.width)])
+
+    def pairs(self) -> tuple[list[int], list[int]]:
+        """The raw indices (first, second) mixed into each output."""
+        m, c = self.n_mix, self.n_cut
+        first = list(range(m)) + list(range(2 * m, 2 * m + c))
+        second = list(range(m, 2 * m)) + list(range(2 * m + c, 2 * m + 2 * c))
+        return first, second
+
+
+def draw_mixing(
+    n_raw: int,
+    height: int,
+    width: int,
+    mixup_alpha: float = MIXUP_ALPHA,
+    mixup: bool = True,
+    cutmix: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> MixingDraws:
+    """The draws for ``n_raw`` raw images (2 per output): MixUp lambdas first (torch's global
+    RNG), then the CutMix boxes (``generator``, or the global RNG)."""
+    if not (mixup or cutmix):
+        raise ValueError("mixing needs mixup or cutmix enabled; with both off, do not mix")
+    if n_raw % 2 or n_raw == 0:
+        raise ValueError(
+            f"mixing needs an even, non-zero number of raw images (2 per example); got {n_raw}"
+        )
+    b = n_raw // 2
+    n_mix = (b + 1) // 2 if (mixup and cutmix) else (b if mixup else 0)
+    lam = sample_mixup_lambda(n_mix, mixup_alpha) if n_mix else torch.zeros(0)
+    boxes = sample_cutmix_boxes(b - n_mix, height, width, generator) if b - n_mix else torch.zeros(0, 4, dtype=torch.int64)
+    return MixingDraws(lam, boxes, height, width)
+
+
+def mixed_targets(labels: torch.Tensor, num_classes: int, draws: MixingDraws) -> torch.Tensor:
+    """``lambda * onehot(y_a) + (1 - lambda) * onehot(y_b)``, float32 (B, K), on the labels' device."""
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float32)
+    first, second = draws.pairs()
+    device = labels.device
+    lam = draws.lam().to(device, non_blocking=True).view(-1, 1)
+    index = torch.tensor(first, device=device), torch.tensor(second, device=device)
+    return lam * onehot[index[0]] + (1 - lam) * onehot[index[1]]
 
 
 def mixup_cutmix(
@@ -131,59 +180,56 @@ def mixup_cutmix(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2B raw images (2B, C, H, W) + int labels (2B,) -> B mixed images + float32 targets (B, K).
 
-    Output dtype equals input dtype (uint8 stays uint8: clipped and truncated, as the official
-    pipeline casts before RandAugment). ``generator`` drives the CutMix boxes; MixUp's Beta
-    draws always use the global RNG (see :func:`sample_mixup_lambda`).
+    Output dtype equals input dtype. The official pipeline mixes float pixels (the unclamped
+    bicubic resize) and only then clips and truncates to uint8 (:func:`truncate_to_uint8`);
+    integer input is blended in float32 and truncated the same way. ``generator`` drives the
+    CutMix boxes; MixUp's Beta draws always use the global RNG (see :func:`sample_mixup_lambda`).
+    Batched and shape-static, for any device; :func:`mix_to_uint8` is the CPU loader's form.
     """
-    if not (mixup or cutmix):
-        raise ValueError("mixup_cutmix needs mixup or cutmix enabled; with both off, do not mix")
     n = images.shape[0]
-    if n % 2 or n == 0 or labels.shape[0] != n:
-        raise ValueError(
-            f"mixup_cutmix needs an even, non-zero number of raw images (2 per example) and one "
-            f"label each; got {n} images and {labels.shape[0]} labels"
-        )
-    b = n // 2
-    n_mix = (b + 1) // 2 if (mixup and cutmix) else (b if mixup else 0)
-    n_cut = b - n_mix
+    if labels.shape[0] != n:
+        raise ValueError(f"mixup_cutmix needs one label per raw image; got {n} images and {labels.shape[0]} labels")
     h, w = images.shape[-2:]
+    draws = draw_mixing(n, h, w, mixup_alpha, mixup, cutmix, generator)
     dev = images.device
-    onehot = torch.nn.functional.one_hot(labels.to(dev).long(), num_classes).to(torch.float32)
-
-    outs, lams, firsts, seconds = [], [], [], []
-    if n_mix:
-        a_, b_ = slice(0, n_mix), slice(n_mix, 2 * n_mix)
-        lam = sample_mixup_lambda(n_mix, mixup_alpha).to(dev, non_blocking=True)
-        outs.append(_blend(images[a_], images[b_], lam))
-        lams.append(lam)
-        firsts.append(a_)
-        seconds.append(b_)
-    if n_cut:
-        s = 2 * n_mix
-        a_, b_ = slice(s, s + n_cut), slice(s + n_cut, s + 2 * n_cut)
-        boxes = sample_cutmix_boxes(n_cut, h, w, generator)
-        # Kept area of the first image, exactly the mask's mean (the official `ratio`).
-        area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
-        lam = (area.to(torch.float32) / (h * w)).to(dev, non_blocking=True)
-        mask = cutmix_masks(boxes.to(dev, non_blocking=True), h, w)
-        outs.append(_select(mask, images[a_], images[b_]))
-        lams.append(lam)
-        firsts.append(a_)
-        seconds.append(b_)
-
-    lam = torch.cat(lams).view(-1, 1)
-    y_a = torch.cat([onehot[sl] for sl in firsts])
-    y_b = torch.cat([onehot[sl] for sl in seconds])
-    targets = lam * y_a + (1 - lam) * y_b
-    return torch.cat(outs), targets
+    m, c = draws.n_mix, draws.n_cut
+    outs = []
+    if m:
+        outs.append(_blend(images[:m], images[m : 2 * m], draws.mixup_lam.to(dev, non_blocking=True)))
+    if c:
+        mask = cutmix_masks(draws.boxes.to(dev, non_blocking=True), h, w)
+        outs.append(torch.where(mask, images[2 * m : 2 * m + c], images[2 * m + c : 2 * m + 2 * c]))
+    return torch.cat(outs), mixed_targets(labels.to(dev), num_classes, draws)
 
 
-class MixingCollate:
-    """DataLoader ``collate_fn``: 2B (uint8 image, label) samples -> B mixed, RandAugmented uint8
-    images (B, 3, H, W) and float32 soft targets (B, K). The loader's batch size must be 2B.
+def mix_to_uint8(images: Sequence[torch.Tensor], draws: MixingDraws) -> torch.Tensor:
+    """The loader's MixUp/CutMix on CPU: float images (C, H, W), consumed in place, -> the uint8
+    batch (B, C, H, W) that ``truncate_to_uint8(mixup_cutmix(...))`` gives for these draws, bit
+    for bit (the same float32 operations), without stacking the float images: each output is
+    blended or box-copied in its first or second image and truncated straight into the batch."""
+    m, c = draws.n_mix, draws.n_cut
+    out = torch.empty((m + c, *images[0].shape), dtype=torch.uint8)
+    for i in range(m):
+        lam = draws.mixup_lam[i]
+        first = images[i].mul_(lam).add_(images[m + i].mul_(1 - lam))
+        out[i].copy_(first.clamp_(0, 255).to(torch.int32))
+    for j, (y1, y2, x1, x2) in enumerate(draws.boxes.tolist()):
+        second = images[2 * m + c + j]
+        second[..., y1:y2, x1:x2] = images[2 * m + j][..., y1:y2, x1:x2]
+        out[m + j].copy_(second.clamp_(0, 255).to(torch.int32))
+    return out
+
+
+class OfficialCollate:
+    """DataLoader ``collate_fn`` of the official train pipeline after the crop (NFNET_SPEC §4.3):
+    float images (the unclamped bicubic resize) -> MixUp/CutMix in float (when either is on:
+    2B samples -> B examples and float32 soft targets (B, K)) -> clip to [0, 255] and truncate
+    to uint8 -> RandAugment each image (when a level is set). Returns uint8 images (B, 3, H, W)
+    and the soft targets, or the integer labels when nothing is mixed. The loader's batch must
+    be 2B when mixing, B otherwise (:attr:`reads_per_example`).
 
     Order as the official ``augment_before_mix=False``: mix the batch, then RandAugment each
-    mixed uint8 image.
+    mixed uint8 image. The float images of ``batch`` are consumed (mixed in place).
     """
 
     def __init__(
@@ -194,28 +240,31 @@ class MixingCollate:
         mixup: bool = True,
         cutmix: bool = True,
     ):
-        if not (mixup or cutmix):
-            raise ValueError(
-                "MixingCollate mixes pairs of images: with mixup and cutmix both off, use the "
-                "default collate (and a loader batch of B, not 2B) instead"
-            )
         self.num_classes = int(num_classes)
         self.randaugment = randaugment
         self.mixup_alpha = float(mixup_alpha)
         self.mixup = mixup
         self.cutmix = cutmix
 
+    @property
+    def reads_per_example(self) -> int:
+        """Raw images per training example: 2 when pairs are mixed."""
+        return 2 if (self.mixup or self.cutmix) else 1
+
     def __call__(
         self, batch: Sequence[tuple[torch.Tensor, int]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([img for img, _ in batch])
-        labels = torch.tensor([int(label) for _, label in batch], dtype=torch.int64)
-        mixed, targets = mixup_cutmix(
-            images, labels, self.num_classes, self.mixup_alpha, self.mixup, self.cutmix
-        )
+        images = [img for img, _ in batch]
+        targets = torch.tensor([int(label) for _, label in batch], dtype=torch.int64)
+        if self.reads_per_example == 2:
+            h, w = images[0].shape[-2:]
+            draws = draw_mixing(len(images), h, w, self.mixup_alpha, self.mixup, self.cutmix)
+            images, targets = mix_to_uint8(images, draws), mixed_targets(targets, self.num_classes, draws)
+        else:
+            images = truncate_to_uint8(torch.stack(images))
         if self.randaugment is not None:
-            mixed = torch.stack([self.randaugment(img) for img in mixed])
-        return mixed, targets
+            images = torch.stack([self.randaugment(img) for img in images])
+        return images, targets
 
     def __repr__(self) -> str:
         return (

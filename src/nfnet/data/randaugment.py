@@ -11,8 +11,9 @@ Quirks of the official code, kept on purpose:
 
 * Posterize keeps ``int(M/10*4)`` bits, so a *lower* magnitude is a *stronger* posterize
   (M=5 keeps 2 bits, M=15 keeps 6).
-* Solarize's threshold is ``int(M/10*256)``: 128 at M=5, and >= 256 from M=10 on, where no
-  uint8 pixel reaches it, so Solarize is a no-op at M >= 10.
+* Solarize's threshold is ``int(M/10*256)`` (128, 256, 384 at M = 5, 10, 15), compared with
+  a uint8 image, so TF converts it to uint8 and it wraps modulo 256: M = 10 (F1, F2) inverts
+  every pixel and M = 15 (F3-F7) acts as 128, as at M = 5 (NFNET_SPEC §4.4).
 * Contrast blends towards a "mean" that is ``sum(histogram)/256`` = the pixel count / 256
   (clipped to 255), not the mean intensity.
 * Color/Contrast/Brightness/Sharpness use the factor ``M/10*1.8 + 0.1`` and are never negated;
@@ -210,10 +211,9 @@ def equalize(img: torch.Tensor) -> torch.Tensor:
 
 
 def solarize(img: torch.Tensor, threshold: int) -> torch.Tensor:
-    # torchvision rejects thresholds above 255; no uint8 pixel reaches them anyway.
-    if threshold > 255:
-        return img
-    return apply_lut(img, F.solarize(_U8_VALUES, threshold))
+    """Inverts the pixels >= ``threshold``, the threshold taken modulo 256 as the official
+    comparison with a uint8 image does (256 -> 0: every pixel inverted; 384 -> 128)."""
+    return apply_lut(img, F.solarize(_U8_VALUES, threshold % 256))
 
 
 def _solarize_add_values(x: torch.Tensor, addition: int, threshold: int) -> torch.Tensor:

@@ -6,10 +6,11 @@ draw from each worker's global RNG that is impossible: the order comes from the 
 RNG at each `iter()`, and a worker's draws depend on every sample that worker loaded before.
 Here instead every random draw is a pure function of `(seed, epoch, position)`:
 
-* `ResumableSampler` permutes the dataset with a generator seeded by `(seed, epoch)`, shards the
-  permutation across replicas as `DistributedSampler` does (it *is* one, so Lightning does not
-  wrap it again under DDP/XLA), can start `start_batch` batches into the epoch, and yields
-  `(index, sample_seed)` keys, the seed derived from `(seed, epoch, position in the epoch)`.
+* `ResumableSampler` reads an endless stream of seeded permutations of the dataset, cut into
+  epochs of N training examples (2N raw reads when MixUp/CutMix pairs images), shards it across
+  replicas as `DistributedSampler` does (it *is* one, so Lightning does not wrap it again under
+  DDP/XLA), can start `start_batch` batches into an epoch, and yields `(index, sample_seed)`
+  keys, the seed derived from `(seed, position in the stream)`.
 * `SeededDataset` loads and transforms sample `index` with torch's CPU RNG seeded by its key's
   seed (the caller's RNG state is restored afterwards, so a `num_workers=0` loader leaves the
   training process's RNG alone).
@@ -53,15 +54,40 @@ def seeded_cpu_rng(seed: int):
         torch.set_rng_state(state)
 
 
-class ResumableSampler(DistributedSampler):
-    """Seeded per-epoch permutation, sharded over replicas, resumable mid-epoch.
+def epoch_steps(epoch: int, num_examples: int, step_examples: int) -> tuple[int, int]:
+    """The optimizer steps ``[first, end)`` of ``epoch`` when an epoch is ``num_examples``
+    training examples and a step takes ``step_examples`` of them.
 
-    num_samples: dataset length. batch_size: the loader's batch (raw images per step and replica).
-    start_batch: batches of `epoch` already trained on; they are skipped in that epoch only.
-    A position at the end of an epoch is the start of the next one (a checkpoint written at
-    the end of an epoch records the whole epoch as trained).
-    `len()` stays the full per-replica epoch length, as Lightning counts a resumed epoch's
-    batches from where it stopped.
+    Training reads one endless stream of examples (as the official input pipeline does), and
+    epoch ``e`` is the steps that end within its ``num_examples``: ``floor(e * N / G)`` up to
+    ``floor((e + 1) * N / G)``. A step that straddles two epochs belongs to the later one, so
+    no example is dropped at an epoch's end and ``E`` epochs are ``floor(E * N / G)`` steps,
+    the official count (``1281167 * 360 // 4096 = 112,602``; nfnet.optim.schedule_lengths).
+    """
+    return epoch * num_examples // step_examples, (epoch + 1) * num_examples // step_examples
+
+
+class ResumableSampler(DistributedSampler):
+    """An endless seeded stream of the dataset cut into epochs of N examples, sharded over
+    replicas, resumable mid-epoch.
+
+    The raw-image stream is one permutation of the dataset after another (permutation ``k``
+    seeded by ``(seed, k)``). With MixUp/CutMix each training example reads
+    ``reads_per_example`` = 2 raw images, so an epoch of N examples reads 2N raw images: two
+    independent permutations, and the same number of steps as without mixing.
+
+    num_samples: dataset length N. batch_size: examples per replica per loader batch (the
+    loader's batch is ``reads_per_example * batch_size`` raw images). accumulate: loader batches
+    per optimizer step (trainer.accumulate_grad_batches); an epoch is whole optimizer steps
+    (:func:`epoch_steps`). epoch, start_batch: where to start (loader batches of ``epoch``
+    already trained; a position at the end of an epoch is the start of the next one, since a
+    checkpoint written at the end of an epoch records the whole epoch as trained).
+
+    Epochs differ in length by at most one step (N is rarely a multiple of the step's
+    examples): ``len()`` is the longest epoch's, which is what Lightning sizes its loop by,
+    and :meth:`batches_in_epoch` gives each epoch's own (nfnet.callbacks.EpochLength).
+    Each yielded key is ``(index, sample_seed)``, the seed derived from the raw image's
+    position in the stream.
     """
 
     def __init__(
@@ -74,27 +100,41 @@ class ResumableSampler(DistributedSampler):
         shuffle: bool = True,
         epoch: int = 0,
         start_batch: int = 0,
+        reads_per_example: int = 1,
+        accumulate: int = 1,
     ) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; XLA never
         # initialises it, so the replicas are given explicitly and the parent is not called.
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        if num_samples < num_replicas:
-            raise ValueError(f"{num_samples} samples cannot be shared by {num_replicas} replicas")
+        step_examples = int(batch_size) * int(num_replicas) * int(accumulate)
+        if num_samples < step_examples:
+            raise ValueError(
+                f"{num_samples} training examples are fewer than one optimizer step takes ({batch_size} per "
+                f"device x {num_replicas} device(s) x {accumulate} accumulated batch(es) = {step_examples}): "
+                "lower the batch size or add data"
+            )
         self.dataset = None
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.batch_size = int(batch_size)
+        self.reads_per_example = int(reads_per_example)
+        self.accumulate = int(accumulate)
         self.seed, self.shuffle = int(seed), bool(shuffle)
-        self.drop_last = True  # every replica gets the same number of samples, none repeated
-        self.num_samples = int(num_samples) // self.num_replicas  # per replica
-        self.total_size = self.num_samples * self.num_replicas
+        self.drop_last = True  # every loader batch is whole, on every replica
         self._dataset_len = int(num_samples)
+        self._step_examples = step_examples
+        self._permutations: dict[int, list[int]] = {}
+        self.raw_batch = self.reads_per_example * self.batch_size  # the loader's batch size
+        # DistributedSampler's attributes, for code that reads them: per-replica raw reads of the
+        # longest epoch, and over all replicas.
+        self.num_samples = self.accumulate * -(-self._dataset_len // step_examples) * self.raw_batch
+        self.total_size = self.num_samples * self.num_replicas
         self.epoch = int(epoch)
         self.start_batch = int(start_batch)
         # Lightning resumes such a checkpoint in the next epoch, but builds the loader and, with
         # persistent workers, starts its iterator before it calls set_epoch: an iterator of the
         # finished epoch would be empty, and the next epoch would silently train on nothing.
-        if self.start_batch >= self.num_samples // self.batch_size:  # the loader drops the last partial batch
+        if self.start_batch >= self.batches_in_epoch(self.epoch):
             self.epoch, self.start_batch = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -104,19 +144,37 @@ class ResumableSampler(DistributedSampler):
             self.epoch = int(epoch)
             self.start_batch = 0
 
-    def order(self, epoch: int) -> torch.Tensor:
-        """The whole epoch's dataset order (before sharding)."""
-        if not self.shuffle:
-            return torch.arange(self._dataset_len)
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-        return torch.randperm(self._dataset_len, generator=generator)
+    def _batch_range(self, epoch: int) -> tuple[int, int]:
+        first, end = epoch_steps(epoch, self._dataset_len, self._step_examples)
+        return first * self.accumulate, end * self.accumulate
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Loader batches (per replica) of ``epoch``: the same on every replica."""
+        first, end = self._batch_range(epoch)
+        return end - first
+
+    def order(self, permutation: int) -> list[int]:
+        """The dataset order of the stream's ``permutation``-th pass over the data."""
+        if permutation not in self._permutations:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", permutation))
+                order = torch.randperm(self._dataset_len, generator=generator).tolist()
+            else:
+                order = list(range(self._dataset_len))
+            # A batch spans at most two passes (it is smaller than the dataset): keep the last two.
+            self._permutations = {k: v for k, v in self._permutations.items() if k >= permutation - 1}
+            self._permutations[permutation] = order
+        return self._permutations[permutation]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.order(self.epoch)[: self.total_size].tolist()
-        first = self.start_batch * self.batch_size
-        for i in range(first, self.num_samples):
-            position = i * self.num_replicas + self.rank  # in the epoch's global order
-            yield order[position], derive_seed(self.seed, "sample", self.epoch, position)
+        first, end = self._batch_range(self.epoch)
+        replicas, per_batch = self.num_replicas, self.raw_batch * self.num_replicas
+        for batch in range(first + self.start_batch, end):
+            for i in range(self.raw_batch):
+                # Replicas take turns along the stream, as DistributedSampler deals an epoch.
+                position = batch * per_batch + i * replicas + self.rank
+                permutation, offset = divmod(position, self._dataset_len)
+                yield self.order(permutation)[offset], derive_seed(self.seed, "sample", position)
 
     def __len__(self) -> int:
         return self.num_samples

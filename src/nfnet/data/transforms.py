@@ -1,7 +1,8 @@
 """Train and eval image transforms of the official NFNet pipeline (NFNET_SPEC §4.1, §4.2).
 
-All transforms take and return uint8 CHW RGB tensors, so workers ship 1 byte per pixel and the
-model normalises on the device with :func:`normalize`.
+All transforms take uint8 CHW RGB tensors and return uint8 ones (the official train crop
+returns float for mixing, which the collate truncates to uint8), so workers ship 1 byte per
+pixel and the model normalises on the device with :func:`normalize`.
 
 Official quirks kept here, each also noted where it is implemented:
 
@@ -14,10 +15,11 @@ Official quirks kept here, each also noted where it is implemented:
   with a = -0.5 (torch's bicubic uses -0.75), half-pixel centres, taps that fall outside the
   image dropped and the rest renormalised (torch clamps to the edge), and the sub-pixel offset
   quantised to 1/1024 as TF's coefficient table does. See :func:`resize_bicubic`.
-* The official resize output is float and unclamped (the code comments observe [-51, 337]);
-  ours is rounded and clamped to uint8. On the train path the official pipeline clamps and
-  truncates to uint8 anyway before RandAugment (after mixing), so the difference is a rounding
-  of at most one level; on the eval path it is at most half a level plus the clamped overshoot.
+* The official resize output is float and unclamped (the code comments observe [-51, 337]).
+  The official train path keeps it so (``InceptionCrop(dtype=torch.float32)``): pixels are
+  mixed in float and only then clipped and truncated to uint8 before RandAugment. The eval
+  path rounds and clamps to uint8, so that workers ship 1 byte per pixel: at most half a
+  level plus the clamped overshoot from the official float (docs/DATA.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Optional, Sequence
 
 import torch
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 # ImageNet statistics on the 0-255 scale, as the official dataset.py defines MEAN_RGB/STDDEV_RGB.
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -109,9 +110,10 @@ _BAND_TAPS = 16
 
 @functools.lru_cache(maxsize=4096)
 def _band_weights(
-    in_size: int, out_size: int, start: int = 0, count: Optional[int] = None
+    in_size: int, out_size: int, start: int = 0, count: Optional[int] = None, mirror: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TF's taps for output pixels ``[start, start + count)`` as banded dense matrices.
+    """TF's taps for output pixels ``[start, start + count)`` as banded dense matrices
+    (``mirror``: in reverse order, which flips the resized image along this axis for free).
 
     Returns ``rows`` (n_bands * K,) source indices and ``weights`` (n_bands, band, K): band
     ``b`` computes its outputs as ``weights[b] @ src[rows[b*K:(b+1)*K]]``. The weights are
@@ -122,6 +124,8 @@ def _band_weights(
     idx, w = bicubic_taps(in_size, out_size)
     count = out_size - start if count is None else count
     idx, w = idx[start : start + count], w[start : start + count]
+    if mirror:
+        idx, w = idx.flip(0), w.flip(0)
     band = max(1, min(_BAND, int(_BAND_TAPS * out_size / in_size)))
     n_bands = -(-count // band)
     pad = n_bands * band - count
@@ -163,8 +167,15 @@ def resize_bicubic(
     size: tuple[int, int],
     box: Optional[tuple[int, int, int, int]] = None,
     out_window: Optional[tuple[int, int, int, int]] = None,
+    dtype: torch.dtype = torch.uint8,
+    flip: bool = False,
 ) -> torch.Tensor:
-    """TF2 ``tf.image.resize(img[box], size, BICUBIC)`` of a uint8 (..., C, H, W) image -> uint8.
+    """TF2 ``tf.image.resize(img[box], size, BICUBIC)`` of a uint8 (..., C, H, W) image.
+
+    ``dtype=torch.uint8`` rounds and clamps the result (contiguous); ``torch.float32`` returns
+    it as TF does, unrounded and unclamped (the official train path mixes these float pixels),
+    as a channels-last view, which saves a copy the next step makes anyway. ``flip`` mirrors the
+    result horizontally at no cost (the width pass writes its columns in reverse).
 
     ``box = (top, left, height, width)`` crops the source first (a view, no copy), so only the
     crop is read; ``out_window = (top, left, height, width)`` returns only that window of the
@@ -187,7 +198,12 @@ def resize_bicubic(
     # The width pass resamples rows of the transposed intermediate (W, oh, C): a strided view,
     # which the width pass's row gather reads directly (one copy instead of two).
     cols = rows.view(oh, in_w, c).transpose(0, 1)
-    out_t = _resample_dim0(cols, _band_weights(in_w, size[1], ox, ow), ow)  # (ow, oh*C)
+    window = _band_weights(in_w, size[1], size[1] - ox - ow if flip else ox, ow, mirror=flip)
+    out_t = _resample_dim0(cols, window, ow)  # (ow, oh*C)
+    if dtype == torch.float32:
+        return out_t.view(ow, oh, c).permute(2, 1, 0).view(*lead, oh, ow)  # (C, oh, ow), strided
+    if dtype != torch.uint8:
+        raise ValueError(f"resize_bicubic returns uint8 or float32, not {dtype}")
     out = _round_to_uint8(out_t).view(ow, oh, c).permute(2, 1, 0)  # (C, oh, ow)
     return out.contiguous().view(*lead, oh, ow)
 
@@ -285,24 +301,27 @@ def sample_inception_crop(
 
 
 class InceptionCrop:
-    """Official train transform: TF distorted-bbox crop, random flip, TF bicubic resize; uint8."""
+    """Official train transform: TF distorted-bbox crop, random flip, TF bicubic resize.
 
-    def __init__(self, size: int, flip: bool = True):
+    ``dtype=torch.float32`` (the official pipeline) keeps the resize's float pixels, unclamped,
+    for mixing; the collate clips and truncates them to uint8 (nfnet.data.mixing.OfficialCollate).
+    """
+
+    def __init__(self, size: int, flip: bool = True, dtype: torch.dtype = torch.uint8):
         self.size = int(size)
         self.flip = flip
+        self.dtype = dtype
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
         box = sample_inception_crop(h, w, self.size)
-        out = resize_bicubic(img, (self.size, self.size), box=box)
         # The official code flips the crop before resizing; with half-pixel centres and a
-        # symmetric kernel, flipping after the resize gives the same pixels on 4x fewer bytes.
-        if self.flip and _rand(None) < 0.5:
-            out = F.horizontal_flip(out)
-        return out
+        # symmetric kernel, mirroring the resize's output gives the same pixels, for free.
+        flip = self.flip and _rand(None) < 0.5
+        return resize_bicubic(img, (self.size, self.size), box=box, dtype=self.dtype, flip=flip)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, flip={self.flip})"
+        return f"{type(self).__name__}(size={self.size}, flip={self.flip}, dtype={self.dtype})"
 
 
 class ResizeCropEval:

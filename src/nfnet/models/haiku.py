@@ -38,6 +38,21 @@ def _plain_mapping(mapping: Mapping = (), **kwargs) -> dict:
     return dict(mapping, **kwargs)
 
 
+# Pickle protocol 2 has no bytes type: a file written with it (numpy 1.x pickles did so) stores
+# an array's bytes as `_codecs.encode(<str>, "latin1")`. Only that use is resolved: a str to bytes.
+_LATIN1 = ("latin1", "latin-1", "iso-8859-1")
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """Stands in for `_codecs.encode` in a protocol-2 pickle: str -> bytes, latin1 only."""
+    if not isinstance(text, str) or encoding.lower() not in _LATIN1:
+        raise pickle.UnpicklingError(
+            f"_codecs.encode record of {type(text).__name__} with encoding {encoding!r} refused "
+            "(a protocol-2 array pickle encodes a str as latin1)"
+        )
+    return text.encode("latin1")
+
+
 def _create_array(f, args, state, npdict=None) -> np.ndarray:
     """Stands in for `dill._dill._create_array` (how dill pickles ndarrays): f(*args) and
     then __setstate__(state), with f held to numpy's own reconstructor."""
@@ -62,6 +77,8 @@ class _ParamsUnpickler(pickle.Unpickler):
             return getattr(np, name)
         if module == "dill._dill" and name == "_create_array":
             return _create_array
+        if module == "_codecs" and name == "encode":
+            return _latin1_bytes
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == _HAIKU_MODULE and name in _HAIKU_CONTAINERS:
