@@ -1,7 +1,6 @@
-"""Export a checkpoint to ONNX / torch.export / safetensors: `python export.py ckpt_path=<file>` (see README.md)."""
+"""Export a checkpoint for deployment: `python export.py ckpt_path=<file> [formats=[onnx,torch,safetensors]]` (see README.md)."""
 
-from nfnet.cli import run_entry_point
-from nfnet.entry_checks import check_export_config
+from nfnet.app.cli import run_entry_point
 
 if __name__ == "__main__":
-    run_entry_point(__file__, "export", "export", check_export_config)
+    run_entry_point(__file__, "export")

@@ -1,7 +1,6 @@
-"""Top-k predictions for images, folders, videos or a camera: `python predict.py ckpt_path=<file> input=<path>` (see README.md)."""
+"""Predict the classes of images, a folder, a video or a camera: `python predict.py ckpt_path=<file> input=<path>` (see README.md)."""
 
-from nfnet.cli import run_entry_point
-from nfnet.entry_checks import check_predict_config
+from nfnet.app.cli import run_entry_point
 
 if __name__ == "__main__":
-    run_entry_point(__file__, "predict", "predict", check_predict_config)
+    run_entry_point(__file__, "predict")

@@ -163,7 +163,7 @@ def warp_agreement(size: int) -> list[list[str]]:
 
 def bf16_forward(batch: int) -> list[list[str]]:
     from nfnet.models import create_model
-    from nfnet.xla import forward_in_dtype
+    from nfnet.training.xla import forward_in_dtype
 
     torch.manual_seed(0)
     net = create_model("nfnet_f0", num_classes=1000, drop_rate=0.0, stochdepth_rate=0.0).eval()

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from nfnet.config import register_resolvers  # noqa: E402
+from nfnet.app.schema import register  # noqa: E402
 
-register_resolvers()
+register()
 CONF_DIR = str(ROOT / "conf")
 
 # A shapes dataset small enough to generate in about a second; cached once per session.
@@ -36,12 +36,24 @@ def installed(module: str) -> bool:
 
 def ready_datamodule(cfg):
     """The datamodule of a composed train config, its data generated and its fit splits set up."""
-    from nfnet import tasks  # Lightning: imported by the tests that train, not at collection
+    from nfnet.app import tasks  # Lightning: imported by the tests that train, not at collection
 
     datamodule = tasks.build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
+
+
+def classifier(num_classes: int = 10, model: dict | None = None, cls=None, **optim):
+    """An NFNetClassifier (or subclass `cls`) built from the schema's defaults
+    (nfnet.app.schema.section): the tiny variant unless `model` says otherwise, the paper's
+    optimizer settings with `optim` over them (nested sections as dicts: `agc={"clipping": 0.02}`,
+    `ema={"decay": 0.9}`)."""
+    from nfnet.app.schema import section
+    from nfnet.training.module import NFNetClassifier
+
+    cls = cls or NFNetClassifier
+    return cls(section("model", **{"name": "nfnet_tiny", **(model or {})}), section("optim", **optim), num_classes)
 
 
 def compose_train(overrides: list[str] | None = None):

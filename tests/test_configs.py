@@ -10,8 +10,9 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import CONF_DIR, compose_train
-from nfnet.config import ConfigError, per_device_batch_size
-from nfnet.train_checks import check_config
+from nfnet.app.machine import per_device_batch_size
+from nfnet.errors import ConfigError
+from nfnet.app.checks import check_config
 
 # Every group in conf/ with its options; `model/base.yaml` is the shared part of every model
 # option, not an option of its own. (tpu has its own tests; it needs torch-xla to instantiate.)
@@ -56,7 +57,7 @@ def _plugin_missing(group, option):
 def test_every_option_composes_resolves_and_passes_the_portable_checks(group, option, tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from nfnet.tasks import _loggable_config
+    from nfnet.app.loggers import loggable_config
 
     if _plugin_missing(group, option):
         pytest.skip("needs the `sweeps` extra")
@@ -64,7 +65,7 @@ def test_every_option_composes_resolves_and_passes_the_portable_checks(group, op
     HydraConfig().set_config(cfg)  # launcher=slurm reads `${hydra:launcher...}`
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    resolved = _loggable_config(cfg)  # every value resolved, as the loggers receive it
+    resolved = loggable_config(cfg)  # every value resolved, as the loggers receive it
     assert resolved["model"]["name"] and "???" not in str(resolved)
     # Portable checks: what does not depend on this machine's files and devices.
     check_config(cfg, this_machine=False)
@@ -85,7 +86,7 @@ def test_cpu_trainers_instantiate(option, tmp_path):
 
 @pytest.mark.parametrize("option", ["default", "none"])
 def test_callback_options_instantiate(option, tmp_path):
-    from nfnet.tasks import _instantiate_all
+    from nfnet.app.tasks import _instantiate_all
 
     cfg = compose_train([f"callbacks={option}"])
     with open_dict(cfg):
@@ -103,7 +104,7 @@ def test_callback_options_instantiate(option, tmp_path):
 
 @pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb", "many", "none"])
 def test_logger_options_instantiate(option, tmp_path):
-    from nfnet.loggers import build_loggers
+    from nfnet.app.loggers import build_loggers
 
     if option in ("tensorboard", "many"):
         pytest.importorskip("tensorboard")

@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 
 from nfnet.data.datamodule import ImageDataModule
-from nfnet.tasks import build_datamodule
+from nfnet.app.tasks import build_datamodule
 
 
 def first_train_batch(cfg, seed: int, lightning_worker_init: bool = False):

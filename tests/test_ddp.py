@@ -23,8 +23,8 @@ import torch
 from omegaconf import open_dict
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import compose_train
-from nfnet.module import NFNetClassifier
+from conftest import classifier, compose_train
+from nfnet.training.module import NFNetClassifier
 from nfnet.optim.agc import adaptive_clip_grad_
 from nfnet.optim.param_groups import agc_parameters
 
@@ -32,9 +32,7 @@ from nfnet.optim.param_groups import agc_parameters
 DETERMINISTIC = {"drop_rate": 0.0, "stochdepth_rate": 0.0, "activation": "gelu", "gelu_approximate": "tanh"}
 WORLD, BATCH, STEPS, SIZE, CLASSES = 2, 4, 3, 32, 10
 # No warmup: the schedule's first step would otherwise use lr 0 and leave the weights unchanged.
-MODULE_KWARGS = dict(
-    model_name="nfnet_tiny", num_classes=CLASSES, model_kwargs=DETERMINISTIC, warmup_epochs=0.0, base_lr=0.4
-)
+OPTIM = dict(warmup_epochs=0.0, base_lr=0.4)
 
 
 class _RandomImages(pl.LightningDataModule):
@@ -111,7 +109,7 @@ def test_agc_clips_the_averaged_gradient_and_replicas_stay_identical(tmp_path):
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     assert trainer.world_size == WORLD and type(trainer.strategy).__name__ == "DDPStrategy"
-    module = _Recording(**MODULE_KWARGS)
+    module = classifier(CLASSES, DETERMINISTIC, cls=_Recording, **OPTIM)
     module.record_dir = str(records)
     initial = copy.deepcopy(module.net.state_dict())
     trainer.fit(module, datamodule=_RandomImages())
@@ -120,7 +118,7 @@ def test_agc_clips_the_averaged_gradient_and_replicas_stay_identical(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = NFNetClassifier(**MODULE_KWARGS)
+        reference = classifier(CLASSES, DETERMINISTIC, **OPTIM)
         net = reference.net
         for step in range(STEPS):
             rank0, rank1 = (_load(records / f"rank{r}_step{step}.pt") for r in range(WORLD))
@@ -148,7 +146,7 @@ def test_agc_clips_the_averaged_gradient_and_replicas_stay_identical(tmp_path):
             for name, param in net.named_parameters():
                 param.grad = mean[name].clone()
             fraction = adaptive_clip_grad_(
-                agc_parameters(net), reference.hparams.agc_clipping, reference.hparams.agc_eps
+                agc_parameters(net), reference.hparams.optim["agc"]["clipping"], reference.hparams.optim["agc"]["eps"]
             )
             assert 0 < fraction.item() < 1  # some units clipped, some not: both branches checked
             torch.testing.assert_close(rank0["clip_frac"], fraction, rtol=0, atol=1e-6)

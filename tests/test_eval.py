@@ -56,7 +56,7 @@ def test_eval_py_reports_the_training_time_ema_metrics_of_the_checkpoint(run_dir
 
 @pytest.mark.slow
 def test_raw_weights_on_request_match_the_training_time_raw_metrics(run_dir, tmp_path):
-    from nfnet import tasks
+    from nfnet.app import tasks
 
     trained = json.loads((run_dir / "metrics.json").read_text())
     cfg = _eval_cfg([f"ckpt_path={run_dir}/checkpoints/last.ckpt", "weights=raw", f"output={tmp_path}/raw.json"], tmp_path)
@@ -71,7 +71,7 @@ def test_raw_weights_on_request_match_the_training_time_raw_metrics(run_dir, tmp
 @pytest.mark.slow
 def test_converted_weights_are_evaluated_like_the_checkpoint_they_came_from(run_dir, tmp_path):
     """The `pretrained=` path (safetensors here; DeepMind/timm files take the same road)."""
-    from nfnet import tasks
+    from nfnet.app import tasks
     from nfnet.models.pretrained import save_safetensors
 
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -88,13 +88,13 @@ def test_converted_weights_are_evaluated_like_the_checkpoint_they_came_from(run_
 
 
 def test_a_checkpoint_for_other_classes_is_refused(run_dir, tmp_path):
-    from nfnet import tasks
-    from nfnet.config import ConfigError
+    from nfnet.app import tasks
+    from nfnet.errors import InputError
 
     other = tmp_path / "other"
     for name in ("cat", "dog"):
         (other / name).mkdir(parents=True)
         (other / name / "a.png").write_bytes((shapes_root(run_dir) / "val" / "star" / "00000.png").read_bytes())
     cfg = _eval_cfg([f"ckpt_path={run_dir}/checkpoints/last.ckpt", "source=imagefolder", f"root={other}"], tmp_path)
-    with pytest.raises(ConfigError, match="2 classes"):
+    with pytest.raises(InputError, match="2 classes"):
         tasks.evaluate(cfg)

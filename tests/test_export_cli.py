@@ -26,7 +26,9 @@ def run_dir(tmp_path_factory):
 
 def _checkpoint_net(run_dir: Path, prefix: str):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    net = create_model("nfnet_tiny", num_classes=10, **checkpoint["hyper_parameters"]["model_kwargs"]).eval()
+    model = checkpoint["hyper_parameters"]["model"]
+    architecture = {k: model[k] for k in ("drop_rate", "stochdepth_rate", "activation", "gelu_approximate")}
+    net = create_model("nfnet_tiny", num_classes=10, **architecture).eval()
     net.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     return net
 
@@ -77,8 +79,8 @@ def test_safetensors_export_and_the_checkpoint_itself_load_as_pretrained_weights
     from hydra.core.global_hydra import GlobalHydra
 
     from conftest import CONF_DIR
-    from nfnet import tasks
-    from nfnet.models.pretrained import load_pretrained
+    from nfnet.app import tasks
+    from nfnet.inference.weights import load_pretrained
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ready_datamodule
-from nfnet import tasks
+from nfnet.app import tasks
 from nfnet.models import WSConv2d
 from nfnet.models.layers import scaled_weight_standardization
 

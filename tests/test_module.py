@@ -10,8 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import ready_datamodule
-from nfnet.module import NFNetClassifier
+from conftest import classifier, ready_datamodule
+from nfnet.training.module import NFNetClassifier
 
 # Dropout and stochastic depth off: the tests recompute gradients by hand and need the same
 # forward pass twice.
@@ -30,7 +30,7 @@ def _fake_trainer(per_device: int, devices: int, accumulate: int, total_steps: i
 
 @pytest.mark.parametrize("per_device,devices,accumulate", [(64, 1, 1), (64, 2, 4), (128, 2, 1)])
 def test_learning_rate_follows_the_closed_form(per_device, devices, accumulate):
-    module = NFNetClassifier(num_classes=10, base_lr=0.1, warmup_epochs=5, model_kwargs=DETERMINISTIC)
+    module = classifier(10, DETERMINISTIC, base_lr=0.1, warmup_epochs=5)
     module.trainer = _fake_trainer(per_device, devices, accumulate, total_steps=1000, epochs=10)
     config = module.configure_optimizers()
     scheduler = config["lr_scheduler"]["scheduler"]
@@ -52,7 +52,7 @@ def test_learning_rate_follows_the_closed_form(per_device, devices, accumulate):
 
 
 def test_weight_decay_groups_and_nesterov():
-    module = NFNetClassifier(num_classes=10, weight_decay=2e-5, model_kwargs=DETERMINISTIC)
+    module = classifier(10, DETERMINISTIC, weight_decay=2e-5)
     module.trainer = _fake_trainer(64, 1, 1, total_steps=100, epochs=1)
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.SGD)
@@ -91,7 +91,7 @@ class _Recorder(pl.Callback):
 
 def test_ema_follows_the_tf1_closed_form(cfg_train):
     datamodule = _datamodule(cfg_train)
-    module = NFNetClassifier(num_classes=10, ema_decay=0.99999, model_kwargs=DETERMINISTIC)
+    module = classifier(10, DETERMINISTIC, ema={"decay": 0.99999})
     ema = [p.detach().clone() for p in module.net.parameters()]  # EMA starts at the init weights
     recorder = _Recorder()
     _trainer(max_steps=4, callbacks=[recorder]).fit(module, datamodule=datamodule)
@@ -107,8 +107,8 @@ def test_ema_follows_the_tf1_closed_form(cfg_train):
 class _Probe(NFNetClassifier):
     """Keeps each micro-batch, and what AGC is handed at each optimizer step."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.batches, self.seen_grads, self.weights_before_step = [], [], []
 
     def training_step(self, batch, batch_idx):
@@ -134,7 +134,7 @@ def _manual_grads(module, weights, batches, autocast=False):
 
 def test_agc_runs_once_per_optimizer_step_on_accumulated_gradients(cfg_train):
     datamodule = _datamodule(cfg_train)
-    module = _Probe(num_classes=10, model_kwargs=DETERMINISTIC, ema_decay=None)
+    module = classifier(10, DETERMINISTIC, cls=_Probe, ema={"decay": None})
     _trainer(max_epochs=1, limit_train_batches=4, accumulate_grad_batches=2).fit(module, datamodule=datamodule)
     assert len(module.batches) == 4
     assert len(module.seen_grads) == 2  # once per optimizer step, not per micro-batch
@@ -146,7 +146,7 @@ def test_agc_runs_once_per_optimizer_step_on_accumulated_gradients(cfg_train):
 
 def test_agc_sees_float32_unscaled_gradients_under_bf16_mixed(cfg_train):
     datamodule = _datamodule(cfg_train)
-    module = _Probe(num_classes=10, model_kwargs=DETERMINISTIC, ema_decay=None)
+    module = classifier(10, DETERMINISTIC, cls=_Probe, ema={"decay": None})
     trainer = _trainer(max_steps=1, precision="bf16-mixed")
     trainer.fit(module, datamodule=datamodule)
     seen = module.seen_grads[0]
@@ -164,7 +164,7 @@ def test_agc_sees_float32_unscaled_gradients_under_bf16_mixed(cfg_train):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs a CUDA device")
 def test_agc_sees_unscaled_gradients_under_fp16_gradscaler(cfg_train):
     datamodule = _datamodule(cfg_train)
-    module = _Probe(num_classes=10, model_kwargs=DETERMINISTIC, ema_decay=None)
+    module = classifier(10, DETERMINISTIC, cls=_Probe, ema={"decay": None})
     _trainer(max_steps=1, precision="16-mixed", accelerator="gpu", devices=1).fit(module, datamodule=datamodule)
     module = module.cpu()
     batches = [tuple(t.cpu() for t in b) for b in module.batches[:1]]
@@ -183,11 +183,11 @@ class _Fused(NFNetClassifier):
 def test_a_fused_optimizer_is_refused_with_a_clear_message(cfg_train):
     datamodule = _datamodule(cfg_train)
     with pytest.raises(ValueError, match="fused"):
-        _trainer(max_steps=1).fit(_Fused(num_classes=10, model_kwargs=DETERMINISTIC), datamodule=datamodule)
+        _trainer(max_steps=1).fit(classifier(10, DETERMINISTIC, cls=_Fused), datamodule=datamodule)
 
 
 def test_label_smoothing_is_applied_after_mixing():
-    module = NFNetClassifier(num_classes=4, label_smoothing=0.1, model_kwargs=DETERMINISTIC)
+    module = classifier(4, DETERMINISTIC, label_smoothing=0.1)
     mixed = torch.tensor([[0.7, 0.3, 0.0, 0.0]])
     # y = (1 - eps) * y_mix + eps / K (NFNET_SPEC §4)
     expected = torch.tensor([[0.9 * 0.7 + 0.025, 0.9 * 0.3 + 0.025, 0.025, 0.025]])

@@ -11,10 +11,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from reliability_helpers import CorruptWeightsAtStep, InjectNonFinite
 
-from conftest import ready_datamodule
-from nfnet import tasks
-from nfnet.checkpoints import NonFiniteCheckpointError, TrainingStopped, check_finite
-from nfnet.module import NFNetClassifier
+from conftest import classifier, ready_datamodule
+from nfnet.app import tasks
+from nfnet.errors import NonFiniteCheckpointError, TrainingStopped
+from nfnet.training.checkpoints import check_finite
+from nfnet.training.module import NFNetClassifier
 
 SKIPPED = 2  # the 0-based optimizer step that goes bad
 
@@ -26,7 +27,14 @@ def _datamodule(cfg_train):
 
 def _module(**kwargs) -> NFNetClassifier:
     # warmup_epochs=0: every step has a non-zero learning rate, so a step that ran would show.
-    return NFNetClassifier(num_classes=10, ema_decay=0.9, warmup_epochs=0.0, **kwargs)
+    return classifier(10, ema={"decay": 0.9}, warmup_epochs=0.0, **kwargs)
+
+
+def _skipped_steps(trainer: pl.Trainer) -> int:
+    """The count kept by the module's NonFiniteGuard callback."""
+    from nfnet.training.guard import NonFiniteGuard
+
+    return next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard)).skipped_steps
 
 
 def _trainer(callbacks, **kwargs) -> pl.Trainer:
@@ -81,7 +89,7 @@ def test_a_non_finite_step_changes_no_weight_momentum_or_ema(cfg_train, where):
     # The next, healthy step trains as usual.
     moved = [k for k, v in _flat(normal.before) if not torch.equal(v, dict(_flat(normal.after))[k])]
     assert any(k.startswith(".module.net.") for k in moved) and any(k.startswith(".module.ema_net.") for k in moved)
-    assert module.skipped_steps == 1
+    assert _skipped_steps(trainer) == 1
     assert float(trainer.logged_metrics["train/skipped_steps"]) == 1.0
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -93,12 +101,13 @@ def test_an_infinite_loss_with_finite_gradients_is_skipped_too(cfg_train):
             return loss + float("inf") if self.global_step == SKIPPED else loss
 
     datamodule = _datamodule(cfg_train)
-    module = InfiniteLoss(num_classes=10, ema_decay=0.9, warmup_epochs=0.0)
+    module = classifier(10, cls=InfiniteLoss, ema={"decay": 0.9}, warmup_epochs=0.0)
     snapshots = _Snapshots(SKIPPED)
-    _trainer([snapshots]).fit(module, datamodule=datamodule)
+    trainer = _trainer([snapshots])
+    trainer.fit(module, datamodule=datamodule)
     before, after = dict(_flat(snapshots.before)), dict(_flat(snapshots.after))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert module.skipped_steps == 1
+    assert _skipped_steps(trainer) == 1
 
 
 def test_consecutive_non_finite_steps_stop_the_run_and_keep_a_finite_checkpoint(cfg_train, tmp_path):
@@ -109,7 +118,7 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_a_finite_checkpoint(
                        max_steps=20, enable_checkpointing=True)
     with pytest.raises(TrainingStopped, match="max_consecutive_skips=3"):
         trainer.fit(module, datamodule=datamodule)
-    assert module.skipped_steps == 3
+    assert _skipped_steps(trainer) == 3
     saved = torch.load(tmp_path / "last-step.ckpt", map_location="cpu", weights_only=True)
     check_finite(saved)  # raises if anything in it is NaN/Inf
     assert saved["global_step"] == SKIPPED + 2  # written after the 2nd skip, before the 3rd stopped the run

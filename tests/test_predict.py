@@ -30,7 +30,9 @@ def run_dir(tmp_path_factory):
 def ema_net(run_dir):
     """The checkpoint's EMA network, rebuilt independently of nfnet.inference."""
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    net = create_model("nfnet_tiny", num_classes=10, **checkpoint["hyper_parameters"]["model_kwargs"]).eval()
+    model = checkpoint["hyper_parameters"]["model"]
+    architecture = {k: model[k] for k in ("drop_rate", "stochdepth_rate", "activation", "gelu_approximate")}
+    net = create_model("nfnet_tiny", num_classes=10, **architecture).eval()
     net.load_state_dict({k[len("ema_net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema_net.")})
     return net, checkpoint["hyper_parameters"]["class_names"]
 
@@ -47,7 +49,7 @@ def _predict(run_dir, tmp_path, overrides):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from nfnet import tasks
+    from nfnet.app import tasks
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -134,10 +136,10 @@ def test_camera_that_cannot_be_opened_is_one_line_and_writes_nothing(run_dir, tm
 
 
 def test_video_without_opencv_is_one_clear_error(run_dir, tmp_path, monkeypatch):
-    from nfnet.config import ConfigError
+    from nfnet.errors import InputError
 
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"\0")
     monkeypatch.setitem(sys.modules, "cv2", None)  # as if OpenCV were not installed
-    with pytest.raises(ConfigError, match=r"needs OpenCV: pip install -e '\.\[video\]'"):
+    with pytest.raises(InputError, match=r"needs OpenCV: pip install -e '\.\[video\]'"):
         _predict(run_dir, tmp_path, [f"input={video}"])

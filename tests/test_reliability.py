@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nfnet import tasks
-from nfnet.config import ConfigError
+from nfnet.app import tasks
+from nfnet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +66,12 @@ def test_a_hostile_checkpoint_given_to_train_py_is_refused_and_runs_nothing(tmp_
 def test_a_hostile_checkpoint_given_to_eval_is_refused_and_runs_nothing(tmp_path):
     from omegaconf import OmegaConf
 
-    from nfnet.inference import load_classifier
+    from nfnet.app.inference_tasks import load_classifier
 
     target = tmp_path / "created-by-the-pickle"
     evil = _hostile_checkpoint(tmp_path / "evil.ckpt", target)
     with pytest.raises(ConfigError, match="ckpt_path=.*was refused"):
-        load_classifier(OmegaConf.create({"ckpt_path": str(evil), "weights": "ema", "image_size": None}))
+        load_classifier(OmegaConf.create({"ckpt_path": str(evil), "weights": "ema", "image_size": None, "eval_pad": None}))
     assert not target.exists()
 
 
@@ -120,7 +120,7 @@ def test_class_folders_without_images_are_a_config_error(cfg_train, tmp_path):
 def test_too_little_disk_for_a_checkpoint_stops_before_training(cfg_train, monkeypatch):
     import shutil
 
-    from nfnet import checkpoints
+    from nfnet.training import checkpoints
 
     cfg = cfg_train(["trainer.max_epochs=1", "test=false"])
     usage = shutil.disk_usage(cfg.paths.output_dir)
@@ -149,7 +149,7 @@ def test_resume_true_without_any_checkpoint_starts_fresh_and_clears_partial_writ
 
 
 def test_resume_true_picks_the_newest_checkpoint_of_the_newest_earlier_run(tmp_path):
-    from nfnet.checkpoints import find_resume_checkpoint
+    from nfnet.training.checkpoints import find_resume_checkpoint
 
     runs = tmp_path / "train" / "runs"
     for i, (run, name) in enumerate([("a", "last.ckpt"), ("b", "last-step.ckpt"), ("b", "epoch_000.ckpt")]):

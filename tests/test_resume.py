@@ -159,7 +159,7 @@ def test_killed_inside_a_step_resumes_bit_exactly_with_other_worker_count(tmp_pa
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, shapes_cache):
-    from nfnet.checkpoints import find_resume_checkpoint
+    from nfnet.training.checkpoints import find_resume_checkpoint
 
     directory = run_dir(tmp_path, "killed-while-saving")
     checkpoints = directory / "checkpoints"
@@ -182,7 +182,7 @@ def test_resuming_in_process_from_a_mid_epoch_checkpoint_is_bit_exact(cfg_train,
     """The same guarantee without a kill, fast: resume from every step checkpoint of a run."""
     from omegaconf import open_dict
 
-    from nfnet import tasks
+    from nfnet.app import tasks
 
     overrides = [o for o in RUN if not o.startswith(("logger=", "print_config", "data.num_workers", "trainer.deterministic"))]
     overrides += ["callbacks.step_checkpoint.save_top_k=-1", "trainer.max_epochs=1"]
@@ -209,7 +209,7 @@ def test_resuming_with_more_epochs_stretches_the_schedule_instead_of_training_at
     """
     from omegaconf import open_dict
 
-    from nfnet import tasks
+    from nfnet.app import tasks
     from nfnet.optim.schedule import scale_lr, warmup_cosine
 
     overrides = [o for o in RUN if not o.startswith(("logger=", "print_config", "data.num_workers", "trainer.max_epochs"))]

@@ -122,3 +122,20 @@ def test_ema_decay_is_capped_by_the_decay():
     # (1 + t) / (10 + t) passes 0.9 at t = 80.
     assert ema_decay(79, 0.9) == pytest.approx(80 / 89)
     assert ema_decay(81, 0.9) == 0.9
+
+
+def test_a_runs_schedule_is_the_official_count_unless_the_trainer_cuts_the_run_shorter():
+    from nfnet.optim.schedule import run_schedule_lengths
+
+    # ImageNet, 360 epochs at 4096: Lightning's bound is the longest epoch's 313 steps x 360.
+    warmup, total = run_schedule_lengths(1_281_167, 4096, 360, 5, 313 * 360)
+    assert total == 112_602 and warmup == pytest.approx(5 * 1_281_167 / 4096)
+    # A run Lightning cuts shorter (max_steps=1000, or a tenth of each epoch) follows its count,
+    # with the warmup the same share of the epochs.
+    assert run_schedule_lengths(1_281_167, 4096, 360, 5, 1000) == (5 * 1000 / 360, 1000)
+    # fast_dev_run: one step, and still a valid schedule (warmup < total).
+    assert run_schedule_lengths(100, 10, 1, 5, 1) == (0, 1)
+    # No epoch count: the step limit alone; without one there is no schedule to draw.
+    assert run_schedule_lengths(100, 10, -1, 0.5, 40)[1] == 40
+    with pytest.raises(ValueError, match="max_steps"):
+        run_schedule_lengths(100, 10, -1, 0.5, float("inf"))

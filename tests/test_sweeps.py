@@ -132,7 +132,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, shapes_cache):
 def test_launcher_slurm_composes_a_submitit_slurm_launcher():
     from hydra.core.hydra_config import HydraConfig
 
-    from nfnet.train_checks import check_config
+    from nfnet.app.checks import check_config
 
     cfg = compose_train(["launcher=slurm", "trainer=ddp", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2"])
     HydraConfig().set_config(cfg)

@@ -12,8 +12,8 @@ import torch
 from omegaconf import open_dict
 
 from conftest import ready_datamodule
-from nfnet import tasks
-from nfnet.module import NFNetClassifier
+from nfnet.app import tasks
+from nfnet.training.module import NFNetClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,14 +14,10 @@ import pytest
 import torch
 
 from conftest import compose_train, installed
-from nfnet.config import (
-    AUGMENTS,
-    SOURCES,
-    ConfigError,
-    devices_per_node,
-    per_device_batch_size,
-)
-from nfnet.train_checks import check_config
+from nfnet.app.machine import devices_per_node, per_device_batch_size
+from nfnet.data.options import AUGMENTS, SOURCES
+from nfnet.errors import ConfigError
+from nfnet.app.checks import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "/nonexistent/nfnet-test"
@@ -48,7 +44,12 @@ CASES = {
     "unknown trainer option": (["trainer=tpu_v9"], ["trainer=tpu_v9", "ddp_cpu", "gpu"]),
     "unknown accelerator": (["trainer.accelerator=quantum"], ["trainer.accelerator='quantum'", "cpu, gpu"]),
     "unknown precision": (["trainer.precision=fp8"], ["trainer.precision='fp8'", "bf16-mixed"]),
-    "unknown key": (["optim.agc.clip=0.1"], ["optim.agc.clip", "did you mean optim.agc.clipping", "+optim.agc.clip=0.1"]),
+    "unknown key of the schema": (
+        ["optim.agc.clip=0.1"], ["optim.agc.clip", "did you mean optim.agc.clipping", "only the keys of AGCConfig"],
+    ),
+    "unknown key of a library's config": (
+        ["trainer.max_epoch=3"], ["trainer.max_epoch", "did you mean trainer.max_epochs", "+trainer.max_epoch=3"],
+    ),
     "label smoothing out of range": (["optim.label_smoothing=1.5"], ["optim.label_smoothing=1.5", "[0, 1)"]),
     "EMA decay out of range": (["optim.ema.decay=1.0"], ["optim.ema.decay=1.0", "(0, 1)", "null to disable EMA"]),
     "seed not an integer": (["seed=abc"], ["seed='abc'", "integer"]),

@@ -124,14 +124,14 @@ def _cfg(output_dir: Path, data_root: Path, overrides: list[str]):
 def test_wandb_offline_by_itself_logs_everything_and_a_resume_continues_the_run(
     no_wandb_account, tmp_path, shapes_cache, caplog
 ):
-    from nfnet import tasks
+    from nfnet.app import tasks
     from nfnet.models import create_model
 
     first_dir, resumed_dir, other_dir = tmp_path / "first", tmp_path / "resumed", tmp_path / "other"
-    with caplog.at_level(logging.INFO, logger="nfnet.loggers"):
+    with caplog.at_level(logging.INFO, logger="nfnet.app.loggers"):
         tasks.train(_cfg(first_dir, shapes_cache, []))
     assert wandb.run is None  # finished in train(), so the next job in this process gets its own run
-    notices = [r.getMessage() for r in caplog.records if r.name == "nfnet.loggers" and r.levelno == logging.WARNING]
+    notices = [r.getMessage() for r in caplog.records if r.name == "nfnet.app.loggers" and r.levelno == logging.WARNING]
     assert len(notices) == 1 and "\n" not in notices[0]
     assert "offline" in notices[0] and "wandb sync" in notices[0] and str(first_dir / "wandb") in notices[0]
 
@@ -157,7 +157,7 @@ def test_wandb_offline_by_itself_logs_everything_and_a_resume_continues_the_run(
 
     # Resuming from the checkpoint continues the same wandb run, at the next step.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="nfnet.loggers"):
+    with caplog.at_level(logging.INFO, logger="nfnet.app.loggers"):
         tasks.train(_cfg(resumed_dir, shapes_cache,
                          [f"ckpt_path={first_dir}/checkpoints/last.ckpt", "trainer.max_epochs=2"]))
     (resumed,) = offline_runs(resumed_dir)
@@ -172,7 +172,7 @@ def test_wandb_offline_by_itself_logs_everything_and_a_resume_continues_the_run(
 
 
 def test_mode_detection(no_wandb_account, monkeypatch):
-    from nfnet.loggers import wandb_mode
+    from nfnet.training.loggers import wandb_mode
 
     assert wandb_mode("disabled") == ("disabled", None)
     mode, reason = wandb_mode(None)
@@ -191,15 +191,15 @@ def test_a_multirun_job_is_named_after_its_overrides():
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from nfnet.loggers import _multirun_job_name
+    from nfnet.app.runs import multirun_job_name
 
     cfg = compose_train(["optim.agc.clipping=0.02"])
     with read_write(cfg.hydra):
         cfg.hydra.mode = RunMode.MULTIRUN
         cfg.hydra.job.override_dirname = "data.batch_size=32,optim.agc.clipping=0.02"
     HydraConfig().set_config(cfg)
-    assert _multirun_job_name() == "data.batch_size=32,optim.agc.clipping=0.02"
+    assert multirun_job_name() == "data.batch_size=32,optim.agc.clipping=0.02"
     with read_write(cfg.hydra):
         cfg.hydra.mode = RunMode.RUN
     HydraConfig().set_config(cfg)
-    assert _multirun_job_name() is None
+    assert multirun_job_name() is None

@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from conftest import compose_train  # noqa: E402
 from nfnet.data.mixing import mixup_cutmix  # noqa: E402
 from nfnet.models import create_model  # noqa: E402
-from nfnet.module import NFNetClassifier  # noqa: E402
+from nfnet.app.schema import section  # noqa: E402
+from nfnet.training.module import NFNetClassifier  # noqa: E402
 from nfnet.optim.agc import AdaptiveGradClipper  # noqa: E402
 from nfnet.optim.param_groups import agc_named_parameters, stage_of  # noqa: E402
-from nfnet.xla import XLABf16Precision, xla_counters  # noqa: E402
+from nfnet.training.xla import XLABf16Precision, xla_counters  # noqa: E402
 
 pytestmark = pytest.mark.xla
 
@@ -96,7 +97,7 @@ def test_trainer_tpu_step_compiles_twice_then_runs_without_host_reads(cpu_as_tpu
     Step 1 compiles without momentum buffers, step 2 with them (and with the EMA update that
     step 1 queued); from then on every step reuses step 2's graph. The EMA weight at step 1 is
     0.9, equal to the momentum: as a Python float it would share a graph input with it and
-    force one more compile at step 3 (nfnet.xla.ema_weights_on_device), which this also checks.
+    force one more compile at step 3 (nfnet.training.xla.ema_weights_on_device), which this also checks.
     """
     cfg = compose_train(["trainer=tpu", "model=nfnet_tiny", "optim=sgd_agc", "logger=none"])
     assert cfg.trainer.accelerator == "tpu" and cfg.trainer.devices == "auto" and cfg.trainer.strategy == "xla"
@@ -113,8 +114,10 @@ def test_trainer_tpu_step_compiles_twice_then_runs_without_host_reads(cpu_as_tpu
     assert trainer.log_every_n_steps > STEPS  # nothing reaches a logger inside the run
     pl.seed_everything(0)
     module = NFNetClassifier(
-        "nfnet_tiny", num_classes=CLASSES, base_lr=0.1, reference_batch=BATCH, warmup_epochs=0,
-        weight_decay=cfg.optim.weight_decay, agc_clipping=cfg.optim.agc.clipping, ema_decay=0.999,
+        section("model", name="nfnet_tiny"),
+        section("optim", base_lr=0.1, reference_batch=BATCH, warmup_epochs=0, weight_decay=cfg.optim.weight_decay,
+                agc={"clipping": cfg.optim.agc.clipping}, ema={"decay": 0.999}),
+        num_classes=CLASSES,
     )
     trainer.fit(module, datamodule=_ImagesInMemory(STEPS))
 

@@ -21,7 +21,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from conftest import compose_train
 from nfnet.models import create_model
 from nfnet.optim.schedule import ema_decay
-from nfnet.xla import ema_weights_on_device, forward_in_dtype, log_global_accuracy, topk_accuracies
+from nfnet.training.metrics import log_global_accuracy, topk_accuracies
+from nfnet.training.xla import ema_weights_on_device, forward_in_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xla
@@ -32,7 +33,7 @@ def test_trainer_tpu_config_casts_bf16_explicitly():
     assert (trainer.accelerator, trainer.devices, trainer.strategy) == ("tpu", "auto", "xla")
     # Lightning's "bf16-true" would only set XLA_USE_BF16, which torch-xla >= 2.8 ignores.
     assert trainer.precision is None
-    assert [p._target_ for p in trainer.plugins] == ["nfnet.xla.XLABf16Precision"]
+    assert [p._target_ for p in trainer.plugins] == ["nfnet.training.xla.XLABf16Precision"]
     assert trainer.log_every_n_steps > compose_train(["trainer=cpu"]).trainer.log_every_n_steps
 
 

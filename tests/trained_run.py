@@ -21,7 +21,7 @@ def trained_run(tmp_path_factory) -> Path:
     and metrics.json (the metrics of its last validation, which last.ckpt was saved after)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from nfnet import tasks
+    from nfnet.app import tasks
 
     run_dir = tmp_path_factory.getbasetemp() / "trained-run"
     if (run_dir / "metrics.json").exists():

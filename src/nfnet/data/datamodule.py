@@ -12,99 +12,50 @@ takes the official number of steps (nfnet.data.sampling).
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from nfnet.data.folder import ImageFolderDataset, scan_image_folder, seeded_split
+from nfnet.data import sources
+from nfnet.data.folder import ImageFolderDataset
 from nfnet.data.mixing import OfficialCollate
+from nfnet.data.options import AUGMENTS, SOURCES
 from nfnet.data.randaugment import RandAugment, parse_ra_level
 from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
-from nfnet.data.shapes import ShapesSpec, ensure_shapes_dataset
 from nfnet.data.transforms import BasicTrainTransform, InceptionCrop, ResizeCropEval
-
-SOURCES = ("shapes", "imagenet", "imagefolder")
 
 # Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
 # sampler is resumed through this datamodule's state_dict instead (nfnet.data.sampling).
 warnings.filterwarnings("ignore", message=r".*ended before the epoch ended and your dataloader is not resumable.*")
-AUGMENTS = ("official", "basic", "none")
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Every argument is a primitive so that the hyperparameters stay checkpoint-safe.
+    """`data` and `augment` are the config's sections as plain mappings (their schema and defaults:
+    nfnet.app.schema.DataConfig / AugmentConfig), so the hyperparameters stay checkpoint-safe.
 
-    source:
-        `shapes` (the embedded generated dataset, cached under `root`), `imagenet` (`root/train/<class>`,
-        `root/val/<class>`), or `imagefolder` (`root/<class>`, split into train/val by `val_fraction`).
     batch_size:
         examples per device per step, after mixing (the loader reads twice as many raw images when
-        the official augmentation mixes them).
+        the official augmentation mixes them); the app derives it from data.batch_size or
+        data.global_batch_size.
     """
 
-    def __init__(
-        self,
-        source: str = "shapes",
-        root: str = ".cache/data",
-        train_size: int = 64,
-        test_size: int = 64,
-        eval_pad: int = 32,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        augment: str = "basic",
-        crop_min_area: float = 0.08,
-        ra_level: int | None = None,
-        mixup_alpha: float = 0.2,
-        mixup: bool = True,
-        cutmix: bool = True,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        max_bad_fraction: float = 0.01,
-        shapes_seed: int = 0,
-        shapes_train_per_class: int = 500,
-        shapes_val_per_class: int = 100,
-        shapes_image_size: int = 64,
-    ) -> None:
+    def __init__(self, data: Mapping[str, Any], augment: Mapping[str, Any], batch_size: int) -> None:
         super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"data.source={source!r} is not one of {SOURCES}")
-        if augment not in AUGMENTS:
-            raise ValueError(f"augment.name={augment!r} is not one of {AUGMENTS}")
+        if data["source"] not in SOURCES:
+            raise ValueError(f"data.source={data['source']!r} is not one of {SOURCES}")
+        if augment["name"] not in AUGMENTS:
+            raise ValueError(f"augment.name={augment['name']!r} is not one of {AUGMENTS}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.classes: list[str] | None = None
         self.train_set = self.val_set = None
 
-    # ----------------------------------------------------------------- sources
-    def _shapes_spec(self) -> ShapesSpec:
-        h = self.hparams
-        return ShapesSpec(h.shapes_seed, h.shapes_train_per_class, h.shapes_val_per_class, h.shapes_image_size)
-
     def prepare_data(self) -> None:
         # Runs once per node before setup: the only place that writes to disk.
-        if self.hparams.source == "shapes":
-            ensure_shapes_dataset(self.hparams.root, self._shapes_spec())
-
-    def _split_samples(self):
-        h = self.hparams
-        if h.source == "imagefolder":
-            classes, samples = scan_image_folder(h.root)
-            train, val = seeded_split(samples, h.val_fraction, h.split_seed)
-            return classes, train, val
-        root = Path(h.root) / self._shapes_spec().cache_name() if h.source == "shapes" else Path(h.root)
-        classes, train = scan_image_folder(root / "train")
-        val_classes, val = scan_image_folder(root / "val")
-        if val_classes != classes:
-            raise ValueError(
-                f"{root}/val has classes {val_classes[:5]}... but {root}/train has {classes[:5]}...: "
-                "both splits need the same class folders"
-            )
-        return classes, train, val
+        sources.prepare(self.hparams.data)
 
     @property
     def num_classes(self) -> int:
@@ -115,48 +66,47 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        h = self.hparams
-        self.classes, train, val = self._split_samples()
+        data = self.hparams.data
+        self.classes, train, val = sources.split_samples(data)
         self.train_set = ImageFolderDataset(
-            train, self.classes, self._train_transform(), max_bad_fraction=h.max_bad_fraction, name="train"
+            train, self.classes, self._train_transform(), max_bad_fraction=data["max_bad_fraction"], name="train"
         )
         self.val_set = ImageFolderDataset(
-            val, self.classes, ResizeCropEval(h.test_size, pad=h.eval_pad), max_bad_fraction=h.max_bad_fraction,
-            name="val",
+            val, self.classes, ResizeCropEval(data["test_size"], pad=data["eval_pad"]),
+            max_bad_fraction=data["max_bad_fraction"], name="val",
         )
 
     # ----------------------------------------------------------------- transforms
     def _train_transform(self):
-        h = self.hparams
-        if h.augment == "official":
-            return InceptionCrop(h.train_size, dtype=torch.float32)
-        if h.augment == "basic":
-            return BasicTrainTransform(h.train_size, scale=(h.crop_min_area, 1.0))
-        return ResizeCropEval(h.train_size, pad=h.eval_pad)
+        data, augment = self.hparams.data, self.hparams.augment
+        if augment["name"] == "official":
+            return InceptionCrop(data["train_size"], dtype=torch.float32)
+        if augment["name"] == "basic":
+            return BasicTrainTransform(data["train_size"], scale=(augment["crop_min_area"], 1.0))
+        return ResizeCropEval(data["train_size"], pad=data["eval_pad"])
 
     def _train_collate(self) -> OfficialCollate | None:
-        h = self.hparams
-        if h.augment != "official":
+        augment = self.hparams.augment
+        if augment["name"] != "official":
             return None
-        randaugment = None
-        if h.ra_level:
-            randaugment = RandAugment(*parse_ra_level(h.ra_level))
+        randaugment = RandAugment(*parse_ra_level(augment["ra_level"])) if augment["ra_level"] else None
         return OfficialCollate(
-            self.num_classes, randaugment=randaugment, mixup_alpha=h.mixup_alpha, mixup=h.mixup, cutmix=h.cutmix
+            self.num_classes, randaugment=randaugment, mixup_alpha=augment["mixup_alpha"], mixup=augment["mixup"],
+            cutmix=augment["cutmix"],
         )
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn=None, sampler=None) -> DataLoader:
-        h = self.hparams
+        data = self.hparams.data
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=h.num_workers,
-            pin_memory=h.pin_memory,
-            persistent_workers=h.persistent_workers and h.num_workers > 0,
+            num_workers=data["num_workers"],
+            pin_memory=data["pin_memory"],
+            persistent_workers=data["persistent_workers"] and data["num_workers"] > 0,
             collate_fn=collate_fn,
         )
 
@@ -205,7 +155,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._resume_position = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.hparams.eval_batch_size or self.batch_size, False, False)
+        return self._loader(self.val_set, self.hparams.data["eval_batch_size"] or self.batch_size, False, False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

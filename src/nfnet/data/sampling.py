@@ -85,7 +85,7 @@ class ResumableSampler(DistributedSampler):
 
     Epochs differ in length by at most one step (N is rarely a multiple of the step's
     examples): ``len()`` is the longest epoch's, which is what Lightning sizes its loop by,
-    and :meth:`batches_in_epoch` gives each epoch's own (nfnet.callbacks.EpochLength).
+    and :meth:`batches_in_epoch` gives each epoch's own (nfnet.training.callbacks.EpochLength).
     Each yielded key is ``(index, sample_seed)``, the seed derived from the raw image's
     position in the stream.
     """

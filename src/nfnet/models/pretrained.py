@@ -97,27 +97,26 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Any supported weights file -> a state dict in this model's naming.
 
     `.safetensors` (this project's or timm's naming); torch files (.pth/.pt/.bin, plain
-    state dicts or under a 'state_dict' key, including this project's training checkpoints,
-    whose EMA weights `ema_net.*` are taken, else the raw `net.*`) loaded with
-    weights_only=True; anything else is taken for a DeepMind Haiku pickle and read with the
-    restricted unpickler.
+    state dicts or under a 'state_dict' key) loaded with weights_only=True; anything else is
+    taken for a DeepMind Haiku pickle and read with the restricted unpickler. (Checkpoints of
+    train.py hold two weight sets: nfnet.inference.weights picks one before this.)
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        state_dict = load_file(path)
-    else:
-        with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_TORCH_MAGIC))
-        if not (zipfile.is_zipfile(path) or head == _LEGACY_TORCH_MAGIC):
-            return load_haiku_checkpoint(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state_dict.get("state_dict"), Mapping):
-            state_dict = state_dict["state_dict"]
-        for prefix in ("ema_net.", "net."):  # a training checkpoint (nfnet.module.NFNetClassifier)
-            if any(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-                break
-    return from_timm_state_dict(state_dict) if _is_timm(state_dict) else dict(state_dict)
+        return state_dict_in_our_names(load_file(path))
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if not (zipfile.is_zipfile(path) or head == _LEGACY_TORCH_MAGIC):
+        return load_haiku_checkpoint(path)
+    return state_dict_in_our_names(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def state_dict_in_our_names(contents: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loaded torch or safetensors file (a state dict, or one under a 'state_dict' key) in this
+    model's naming: timm's `dm_nfnet_*` names are converted."""
+    if isinstance(contents.get("state_dict"), Mapping):
+        contents = contents["state_dict"]
+    return from_timm_state_dict(contents) if _is_timm(contents) else dict(contents)
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -128,13 +127,18 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
 
 
 def load_pretrained(model: NFNet, path: str | os.PathLike) -> NFNet:
-    """Loads weights from `path` (see `read_weights`) into `model` in place and returns it.
+    """Loads weights from `path` (see `read_weights`) into `model` in place and returns it."""
+    return fit_state_dict(model, read_weights(path), os.fspath(path))
 
-    The trunk must fit exactly. When the checkpoint's classifier has another number of
-    classes than the model's, the classifier is re-initialised as the official one (N(0,
-    0.01) weights, zero bias) and a log line says so.
+
+def fit_state_dict(model: NFNet, state_dict: Mapping[str, torch.Tensor], source: str) -> NFNet:
+    """Loads `state_dict` (weights from `source`, named in messages) into `model` in place.
+
+    The trunk must fit exactly. When the weights' classifier has another number of classes than
+    the model's, the classifier is re-initialised as the official one (N(0, 0.01) weights, zero
+    bias) and a log line says so.
     """
-    state_dict = read_weights(path)
+    state_dict = dict(state_dict)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     ckpt_head = state_dict.get("classifier.weight")
     if ckpt_head is not None and ckpt_head.shape != expected["classifier.weight"]:
@@ -143,11 +147,9 @@ def load_pretrained(model: NFNet, path: str | os.PathLike) -> NFNet:
             expected.pop(key)
         model.reset_classifier(model.num_classes)
         log.info("%s: checkpoint classifier has %d classes, the model %d: loaded the trunk and "
-                 "re-initialised the classifier", os.fspath(path), ckpt_head.shape[0],
-                 model.num_classes)
+                 "re-initialised the classifier", source, ckpt_head.shape[0], model.num_classes)
     problems = shape_mismatches(expected, state_dict)
     if problems:
-        raise ValueError(f"{os.fspath(path)} does not fit {model.variant.name}: "
-                         f"{describe(problems)}")
+        raise ValueError(f"{source} does not fit {model.variant.name}: {describe(problems)}")
     model.load_state_dict(state_dict, strict=False)
     return model

@@ -246,6 +246,16 @@ def adaptive_clip_grad_(
     return _fraction(counts, sum(plan.num_units for plan in plans))
 
 
+def check_unscaled_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Refuses an optimizer whose step() unscales the gradients itself (a fused one, under AMP):
+    the trainer then hands AGC loss-scaled gradients, and it would clip by the wrong ratio."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ValueError(
+            f"{type(optimizer).__name__} is fused (it unscales gradients inside step()), so adaptive "
+            "gradient clipping would see loss-scaled gradients. Use a non-fused optimizer."
+        )
+
+
 class AdaptiveGradClipper:
     """AGC over a fixed parameter set, with the per-call planning done once.
 

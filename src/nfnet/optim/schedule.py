@@ -15,10 +15,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 # exp.py `_make_opt` with lr_scale_by_bs=True: lr = base_lr * global_batch / 256.
 REFERENCE_BATCH = 256
-# exp_nf.py: base lr 0.1, 5 warmup epochs out of 360, EMA decay 0.99999.
+# exp_nf.py: base lr 0.1, 5 warmup epochs (of 360), EMA decay 0.99999.
 PAPER_BASE_LR = 0.1
 PAPER_WARMUP_EPOCHS = 5
-PAPER_EPOCHS = 360
 PAPER_EMA_DECAY = 0.99999
 # utils.tf1_ema: the decay warms up as (1 + t) / (10 + t).
 _EMA_WARMUP_OFFSET = 10.0
@@ -51,6 +50,29 @@ def schedule_lengths(
     total = int(num_examples * epochs // global_batch)
     warmup = warmup_epochs * num_examples / global_batch
     return warmup, total
+
+
+def run_schedule_lengths(
+    num_examples: int | None, global_batch: int, epochs: int | None, warmup_epochs: float, step_bound: float
+) -> tuple[float, int]:
+    """``(warmup_steps, total_steps)`` of a training run's schedule.
+
+    The official count (:func:`schedule_lengths`) when the run is whole epochs of
+    ``num_examples`` training examples (the loader cuts its epochs to match,
+    nfnet.data.sampling.epoch_steps); ``step_bound`` when the trainer cuts the run shorter (a
+    step limit, a fraction of each epoch, a smoke test: Lightning's estimated stepping batches),
+    with the warmup as the same share of epochs. A run shorter than its warmup still gets a
+    valid schedule.
+    """
+    bound = max(1, int(step_bound)) if math.isfinite(step_bound) else None
+    warmup, total = None, bound
+    if num_examples and epochs and epochs > 0:
+        warmup, total = schedule_lengths(num_examples, global_batch, epochs, warmup_epochs)
+    if warmup is None or (bound is not None and total > bound):
+        if bound is None:
+            raise ValueError("a run without max_epochs needs a step limit (trainer.max_steps) for its LR schedule")
+        warmup, total = warmup_epochs * bound / max(1, epochs or 1), bound
+    return min(warmup, total - 1), total
 
 
 def _check_lengths(warmup_steps: float, total_steps: float) -> None:
@@ -90,7 +112,7 @@ class WarmupCosineMultiplier:
 
     A class rather than a closure so ``LambdaLR.state_dict()`` saves its settings (it only
     saves callable objects): a resumed run can then tell whether its config changed the
-    schedule's lengths (NFNetClassifier then follows the config).
+    schedule's lengths (:func:`follow_schedule`).
     """
 
     def __init__(self, warmup_steps: float, total_steps: float, end_factor: float = 0.0) -> None:
@@ -115,6 +137,37 @@ def warmup_cosine_scheduler(
     uses lr 0, as the official schedule evaluated at global_step 0 does.
     """
     return LambdaLR(optimizer, WarmupCosineMultiplier(warmup_steps, total_steps, end_factor))
+
+
+def follow_schedule(scheduler: LambdaLR, warmup_steps: float, total_steps: float) -> str | None:
+    """Makes a restored warmup + cosine ``scheduler`` follow new lengths from the step it reached.
+
+    A checkpoint's scheduler state holds the schedule it was written with, so a run resumed with
+    more epochs (or another batch size) would stay on the old schedule, which may already have
+    decayed to its end LR: the added steps would train at LR 0. The cosine is stretched instead,
+    from the current step, and every group's LR is set to the new schedule's value. Returns a
+    line saying what changed, or None when the lengths are the same (a resume with the run's
+    own config continues bit-exactly).
+    """
+    multipliers = scheduler.lr_lambdas
+    old = (multipliers[0].warmup_steps, multipliers[0].total_steps)
+    if old == (float(warmup_steps), float(total_steps)):
+        return None
+    before = scheduler.optimizer.param_groups[0]["lr"]
+    for fn in multipliers:
+        _check_lengths(warmup_steps, total_steps)
+        fn.warmup_steps, fn.total_steps = float(warmup_steps), float(total_steps)
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, multipliers)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    # What get_last_lr() reports (LambdaLR keeps it from its last step).
+    scheduler._last_lr = list(lrs)
+    return (
+        f"the checkpoint's ran {old[1]:.0f} steps (warmup {old[0]:g}), this run's config gives "
+        f"{total_steps:.0f} (warmup {warmup_steps:g}); continuing at step {step} on this run's schedule, "
+        f"LR {before:.4g} -> {lrs[0]:.4g}"
+    )
 
 
 def ema_decay(step: int | torch.Tensor, decay: float = PAPER_EMA_DECAY) -> float | torch.Tensor:

@@ -3,10 +3,11 @@
 * `AtomicCheckpointIO` writes `<path>.tmp`, fsyncs it, renames it over `<path>` and fsyncs the
   folder: a process killed while saving (preemption, OOM killer, Ctrl-C twice) leaves the
   previous checkpoint whole, never a truncated file that a resume would choke on.
-* `check_finite` is what the module runs before any checkpoint is written: weights, EMA and
-  optimizer state must all be finite, otherwise no file is written and the run stops.
-* `find_resume_checkpoint` is `resume=true`: the newest checkpoint of this run directory, or of
-  the newest earlier run of the same task.
+* `FiniteCheckpoints` checks before any checkpoint is written that weights, EMA and optimizer
+  state are all finite; otherwise no file is written and the run stops.
+* `newest_checkpoint` is what `ckpt_path=last` and a resumed wandb run mean, and
+  `find_resume_checkpoint` what `resume=true` means: the newest checkpoint of this run directory,
+  or of the newest earlier run of the same task.
 * `checkpoint_bytes_estimate` / `check_disk_space`: refuse to start a run whose first
   checkpoint could not be written.
 
@@ -23,20 +24,15 @@ import os
 import shutil
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from nfnet.errors import NonFiniteCheckpointError
 
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
-
-
-class TrainingStopped(RuntimeError):
-    """The run was stopped on purpose; the message says why and what was kept."""
-
-
-class NonFiniteCheckpointError(TrainingStopped):
-    """A checkpoint would have held NaN or Inf; it was not written."""
 
 
 def _fsync_dir(path: str) -> None:
@@ -83,19 +79,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # --------------------------------------------------------------------------- finiteness
-def refused_file_error(key: str, path: Any, error: Exception):
-    """The one-line error for a weights file whose pickle names more than tensors and plain values
-    (`weights_only=True` or the Haiku loader refused it, so none of it ran)."""
-    from nfnet.config import ConfigError
-
-    detail = next((line.strip() for line in str(error).splitlines() if "global" in line.lower()), "")
-    return ConfigError(
-        f"{key}={str(path)!r} was refused: it holds more than tensors and plain values, and loading it "
-        f"would run code from the file{f' ({detail})' if detail else ''}; use weights written by this project, "
-        "DeepMind or timm"
-    )
-
-
 def non_finite_keys(named: dict[str, Any], limit: int = 5) -> list[str]:
     """Names (dotted, up to `limit`) of the tensors in a nested dict that hold NaN or Inf.
 
@@ -139,9 +122,23 @@ def check_finite(checkpoint: dict[str, Any], where: str = "checkpoint") -> None:
         )
 
 
+class FiniteCheckpoints(pl.Callback):
+    """Refuses to write weights or optimizer state holding NaN/Inf (every rank checks the same
+    values, so all of them stop together); the previous checkpoint stays in place."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        check_finite(checkpoint)
+
+
 # --------------------------------------------------------------------------- resume=true
 def _checkpoints_in(folder: str) -> list[str]:
     return [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.isfile(p)]
+
+
+def newest_checkpoint(folder: str) -> str | None:
+    """The newest `*.ckpt` of a checkpoint folder (by modification time), or None."""
+    found = _checkpoints_in(folder)
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def find_resume_checkpoint(checkpoint_dir: str, runs_root: str | None = None) -> str | None:
@@ -153,9 +150,9 @@ def find_resume_checkpoint(checkpoint_dir: str, runs_root: str | None = None) ->
     checkpoints happen to lie beside it. Temp files of interrupted saves (`*.ckpt.tmp`) are
     never picked.
     """
-    own = _checkpoints_in(checkpoint_dir)
+    own = newest_checkpoint(checkpoint_dir)
     if own:
-        return max(own, key=os.path.getmtime)
+        return own
     run_dir = os.path.dirname(os.path.abspath(checkpoint_dir))
     parent = os.path.dirname(run_dir)
     if runs_root is None or parent != os.path.abspath(runs_root):

@@ -1,8 +1,9 @@
 """The command line in front of every entry point: a bad override costs one line, not a traceback.
 
-`precheck` runs before `@hydra.main` takes over. It composes the config exactly as Hydra will
-(for a multirun: every job of the sweep, up to a limit) and runs the entry point's checks on it,
-so that an unknown group option or key, an unparsable override or a bad value is reported as
+`run_entry_point` is the whole of train.py, eval.py, predict.py and export.py. Before Hydra takes
+over, `precheck` composes the config exactly as Hydra will (for a multirun: every job of the
+sweep, up to a limit) and runs the entry point's checks on it, so that an unknown group option or
+key, an unparsable override or a bad value is reported as
     config error: <key>=<value> ...what is allowed...
 with exit status 2, before any output directory is created or any data is touched. Hydra's own
 reports of the same mistakes are several lines long; here they are reduced to one.
@@ -12,21 +13,23 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import logging
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nfnet.config import ConfigError, register_resolvers
+from nfnet.app.checks import CHECKS
+from nfnet.app.runs import in_multirun
+from nfnet.app.schema import ENTRIES, constraint_at, register
+from nfnet.errors import ConfigError, InputError, TrainingStopped
 
 # A sweep is checked job by job up to this many jobs; beyond that the first ones stand for all.
 MAX_CHECKED_JOBS = 64
-Check = Callable[[DictConfig, bool], None]
 
 
 def fail(message: str) -> None:
@@ -34,39 +37,58 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def run_entry_point(script: str, config_name: str, task: str, check: Check) -> None:
-    """The whole of eval.py, predict.py and export.py: check the command line, then run
-    `nfnet.tasks.<task>` under Hydra with `conf/<config_name>.yaml`. (train.py has its own body:
-    it also returns the optimized metric to sweepers.)"""
+def run_entry_point(script: str, entry: str) -> None:
+    """Check the command line, then run the entry's task (nfnet.app.tasks.TASKS) under Hydra with
+    `conf/<entry>.yaml`. A config or input error is one line and exit status 2; a run stopped on
+    purpose (non-finite steps in a row) one line and exit status 1. train.py returns its
+    `optimized_metric` to sweepers."""
     import hydra
 
     root = Path(script).resolve().parent
     os.environ.setdefault("NFNET_ROOT", str(root))
     # Bad overrides are reported in one line before Hydra creates a run directory.
-    precheck(root / "conf", config_name, check)
+    precheck(root / "conf", entry)
 
-    @hydra.main(version_base="1.3", config_path=str(root / "conf"), config_name=config_name)
-    def main(cfg: DictConfig) -> None:
-        from nfnet import tasks  # Lightning is imported only once the command line is known good
+    @hydra.main(version_base="1.3", config_path=str(root / "conf"), config_name=entry)
+    def main(cfg: DictConfig) -> float | None:
+        # Lightning is imported only once the command line is known good.
+        from nfnet.app.tasks import TASKS
 
+        _route_lightning_logs()
         try:
-            getattr(tasks, task)(cfg)
-        except ConfigError as error:
+            result = TASKS[entry](cfg)
+        except (ConfigError, InputError) as error:
             fail(str(error))
+        except TrainingStopped as error:
+            print(f"training stopped: {error}", file=sys.stderr)
+            sys.exit(1)
+        if entry != "train":
+            return None
+        value = result.get(cfg.get("optimized_metric"))
+        return float(value) if value is not None else None
 
     main()
 
 
-def precheck(config_dir: str | Path, config_name: str, check: Check | None = None, argv: list[str] | None = None) -> None:
+def _route_lightning_logs() -> None:
+    """Lightning installs its own console handler when imported before logging is configured;
+    hand its records to the handlers Hydra set up, so each line appears once, in the run's log
+    file too."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def precheck(config_dir: str | Path, entry: str, argv: list[str] | None = None) -> None:
     """Validate the command line of an entry point; exits with status 2 on the first problem."""
-    register_resolvers()
+    register()
     try:
-        _precheck(Path(config_dir), config_name, check, sys.argv[1:] if argv is None else argv)
+        _precheck(Path(config_dir), entry, sys.argv[1:] if argv is None else argv)
     except ConfigError as error:
         fail(str(error))
 
 
-def _precheck(config_dir: Path, config_name: str, check: Check | None, argv: list[str]) -> None:
+def _precheck(config_dir: Path, entry: str, argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
@@ -75,18 +97,19 @@ def _precheck(config_dir: Path, config_name: str, check: Check | None, argv: lis
     if any((args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.experimental_rerun,
             args.config_path, args.config_dir)):
         return
-    config_name = args.config_name or config_name
+    config_name = args.config_name or entry
+    check = CHECKS.get(entry)
     overrides = _parse(args.overrides)
     jobs = _sweep_jobs(config_dir, overrides) if args.multirun else [list(args.overrides)]
     for number, job in enumerate(jobs[:MAX_CHECKED_JOBS]):
-        cfg = _compose(config_dir, config_name, job)
+        cfg = _compose(config_dir, config_name, job, ENTRIES.get(entry))
         if args.multirun and number == 0:
             _check_launcher(cfg)
         if check is None:
             continue
         # Jobs of a multirun may run on other machines (SLURM): only portable checks here; each
         # job checks its own machine again when it starts.
-        multirun = args.multirun or str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN"
+        multirun = args.multirun or in_multirun(cfg)
         try:
             check(cfg, not multirun)
         except OmegaConfBaseException as error:
@@ -157,10 +180,11 @@ def _sweep_jobs(config_dir: Path, overrides) -> list[list[str]]:
     return [list(job) for job in itertools.islice(itertools.product(*choices), MAX_CHECKED_JOBS)]
 
 
-def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictConfig:
+def _compose(config_dir: Path, config_name: str, overrides: list[str], schema: type | None = None) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import ValidationError
 
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name=config_name):
@@ -171,19 +195,36 @@ def _compose(config_dir: Path, config_name: str, overrides: list[str]) -> DictCo
     except MissingConfigException as error:
         raise ConfigError(_missing_option(config_dir, error)) from None
     except (HydraException, OmegaConfBaseException) as error:
+        cause = error.__cause__ if isinstance(error.__cause__, ValidationError) else error
+        if isinstance(cause, ValidationError) and schema is not None:
+            # The schema's types refused the value before any check ran: the field's own
+            # constraint says what is allowed, in the words its check would have used.
+            message = _type_error(cause, overrides, schema)
+            if message:
+                raise ConfigError(message) from None
         raise ConfigError(_composition_error(config_dir, config_name, overrides, error)) from None
 
 
-def _missing_option(config_dir: Path, error: Exception) -> str:
-    text = str(error)
-    match = re.search(r"Could not (?:find|load) '(.+)/([^/']+)'", text)
-    if not match:
+def _type_error(error, overrides: list[str], schema: type) -> str | None:
+    key = getattr(error, "full_key", None)
+    constraint = constraint_at(schema, key) if key else None
+    if constraint is None:
+        return None
+    typed = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key), None)
+    value = typed if typed is not None else getattr(error, "value", None)
+    return constraint.message(key, value)
+
+
+def _missing_option(config_dir: Path, error) -> str:
+    missing = error.missing_cfg_file or ""
+    group, _, option = missing.rpartition("/")
+    if not group:
         return _first_line(error)
-    group, option = match.groups()
     options = group_options(config_dir, group)
     if options is None:  # a group of Hydra's own (hydra/launcher, hydra/sweeper) or of a plugin
-        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.MULTILINE)
-    options = [o for o in options if not (group == "model" and o == "base")]
+        options = list(error.options or [])
+    # `base` is each group's schema (nfnet.app.schema), not an option to choose.
+    options = [o for o in options if o != "base"]
     return f"{group}={option} is not an option of the {group} config group{_did_you_mean(option, options)}; " \
            f"choose one of: {', '.join(options)}"
 
@@ -196,9 +237,16 @@ def _composition_error(config_dir: Path, config_name: str, overrides: list[str],
         override = next((o for o in overrides if o.split("=", 1)[0] == key), key)
         rest = [o for o in overrides if o != override]
         try:
-            known = _flat_keys(_compose(config_dir, config_name, rest))
+            cfg = _compose(config_dir, config_name, rest)
         except ConfigError:
-            known = []
+            cfg = None
+        known = _flat_keys(cfg) if cfg is not None else []
+        parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if cfg is not None and "." in key else None
+        schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else dict
+        if schema not in (dict, None):
+            # A node of the schema has a fixed set of keys: `+key=value` would be refused too.
+            return f"{override}: there is no config key {key!r}{_did_you_mean(key, known)}; " \
+                   f"{key.rpartition('.')[0]} has only the keys of {schema.__name__} (nfnet.app.schema)"
         return f"{override}: there is no config key {key!r}{_did_you_mean(key, known)}; " \
                f"to add a new key write +{override}"
     match = re.search(r"An item is already at '([^']+)'", text)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from nfnet.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
-from nfnet.inference import Classifier
+from nfnet.inference.classifier import Classifier
 from nfnet.models import create_model, fold_weight_standardization, get_variant
 from nfnet.models.export import export_onnx
 
@@ -98,7 +98,7 @@ def export_classifier(classifier: Classifier, output_dir: str, formats: list[str
         if check:
             # Rebuilt the way a consumer would: create_model + the file, strict loading.
             rebuilt = create_model(classifier.model_name, num_classes=len(classifier.class_names),
-                                   **(classifier.module.hparams.get("model_kwargs") or {})).eval()
+                                   **classifier.model_kwargs).eval()
             rebuilt.load_state_dict(read_weights(path))
             with torch.no_grad():
                 verify("safetensors", rebuilt(images))

@@ -1,10 +1,10 @@
-"""Callbacks for what the dashboards show.
+"""Callbacks of a training run besides the module's own (nfnet.training.ema, .guard, .checkpoints).
 
 `AugmentedImageGrid` shows the images the network actually trains on: the first training batch
 after mixing and RandAugment, exactly as it reaches the forward pass. A pipeline bug (wrong
 colours, crops that miss the object, labels that do not match) is visible there at a glance and
-invisible in the loss curve. `WandbRunInCheckpoint` writes the wandb run id into every
-checkpoint, so that resuming from it continues the same wandb run (see `nfnet.loggers`).
+invisible in the loss curve. `StepSeed` makes dropout and stochastic depth a function of the step,
+and `EpochLength` gives Lightning each epoch's own number of batches.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import torch
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from nfnet.data.sampling import derive_seed
 from nfnet.data.transforms import IMAGENET_MEAN_255, IMAGENET_STD_255
+from nfnet.training.loggers import is_wandb
 
 log = logging.getLogger(__name__)
-
-WANDB_RUN_KEY = "wandb_run_id"
 
 
 def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
@@ -75,26 +77,12 @@ class AugmentedImageGrid(pl.Callback):
         write_png(grid, path)
         step = trainer.global_step
         for logger in trainer.loggers:
-            kind = type(logger).__name__
-            if kind == "WandbLogger":
+            if is_wandb(logger):
                 logger.log_image(self.key, images=[img.permute(1, 2, 0).numpy() for img in images],
                                  step=step, caption=captions)
-            elif kind == "TensorBoardLogger":
+            elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(self.key, grid, step)
         log.info("augmented training images: %s", path)
-
-
-class WandbRunInCheckpoint(pl.Callback):
-    """Stores the wandb run id in each checkpoint; `nfnet.loggers` reads it back on resume."""
-
-    def __init__(self, logger) -> None:
-        self.logger = logger
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        # `version` is the run id once the run exists, without starting one on other ranks.
-        run_id = self.logger.version
-        if run_id:
-            checkpoint[WANDB_RUN_KEY] = str(run_id)
 
 
 class StepSeed(pl.Callback):
@@ -115,8 +103,6 @@ class StepSeed(pl.Callback):
             self.seed = torch.initial_seed()  # seed_everything's seed, before any reseeding here
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        from nfnet.data.sampling import derive_seed
-
         seed = derive_seed(self.seed, "step", trainer.current_epoch, batch_idx, trainer.global_rank)
         torch.default_generator.manual_seed(seed)
         if torch.cuda.is_available() and torch.cuda.is_initialized():

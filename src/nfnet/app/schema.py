@@ -1,0 +1,292 @@
+"""The config schema: every default of the model, data, augment and optim groups and of each entry
+point's own keys lives here, with the constraint its one-line check reads (nfnet.app.values).
+
+The YAML files under conf/ extend these dataclasses (`defaults: [base]` in a group, the
+`*_schema` configs at the top) and set only what differs: `optim=sgd_agc` is the paper's recipe
+because these defaults are the paper's values, each named where it comes from. Hydra type-checks
+every override against the annotations; the constraints add ranges and choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, OmegaConf
+
+from nfnet.app.values import Choice, Constraint, Flag, Integer, Number, Text
+from nfnet.data.options import AUGMENTS, SOURCES
+from nfnet.data.transforms import AREA_RANGE, CROP_PADDING
+from nfnet.models import VARIANTS, get_variant
+from nfnet.models.activations import GAMMAS, GELU_APPROXIMATIONS
+from nfnet.optim.agc import DEFAULT_EPS, PAPER_CLIPPING
+from nfnet.optim.schedule import PAPER_BASE_LR, PAPER_EMA_DECAY, PAPER_WARMUP_EPOCHS, REFERENCE_BATCH
+
+Real = Union[int, float]  # a number as typed: 0 stays 0 and 1.0 stays 1.0 in the messages
+
+
+def setting(default: Any, constraint: Constraint | None = None) -> Any:
+    """A field with its default and the constraint its check applies."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"constraint": constraint})
+    return field(default=default, metadata={"constraint": constraint})
+
+
+RATE = Number(0, 1, high_open=True)
+# torch, NumPy and Python all take seeds in [0, 2^32 - 1].
+SEED = Integer(0, 2**32 - 1, nullable=True, note=" (null: an unseeded run)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = setting(MISSING, Choice(tuple(VARIANTS), " (not a known NFNet)"))
+    # Read from the variant table, the one home of these numbers (nfnet.models.variants).
+    train_size: int = II("variant:${.name},train_size")
+    test_size: int = II("variant:${.name},test_size")
+    drop_rate: Real = setting(II("variant:${.name},drop_rate"), RATE)
+    ra_level: Optional[int] = II("variant:${.name},ra_level")
+    # The official training config uses 0.25 (NFNET_SPEC §1.5); the model's own default is 0.1.
+    stochdepth_rate: Real = setting(0.25, RATE)
+    activation: str = setting("gelu", Choice(tuple(sorted(GAMMAS))))
+    # "tanh" is the official GELU (jax.nn.gelu's default); "none" (exact erf) matches timm's ports.
+    gelu_approximate: str = setting("tanh", Choice(GELU_APPROXIMATIONS))
+    # A DeepMind *_haiku.npz, a timm or safetensors file, or a checkpoint written by train.py;
+    # the classifier is re-initialised when its class count differs from the data's.
+    pretrained: Optional[str] = setting(None, Text("no pretrained weights", "a weights file"))
+    compile: bool = setting(False, Flag())
+    channels_last: bool = setting(False, Flag())
+
+
+@dataclass
+class ShapesConfig:
+    seed: int = setting(0, Integer(0))
+    train_per_class: int = setting(500, Integer())
+    val_per_class: int = setting(100, Integer())
+    image_size: int = setting(64, Integer(8))
+
+
+@dataclass
+class DataConfig:
+    source: str = setting("shapes", Choice(SOURCES))
+    root: Optional[str] = setting(None, Text("(the embedded dataset's cache)", "a folder"))
+    train_size: int = setting(II("model.train_size"), Integer())
+    test_size: int = setting(II("model.test_size"), Integer())
+    # The official eval resizes to (S + 32)^2 and centre-crops S.
+    eval_pad: int = setting(CROP_PADDING, Integer(0, note=" (pixels added before the eval centre crop; the official value is 32)"))
+    batch_size: int = setting(64, Integer(note=" (examples per device)"))
+    # Examples per optimizer step over all devices; when set, it replaces batch_size with
+    # global_batch_size / (devices x nodes x accumulate_grad_batches), which must divide evenly.
+    global_batch_size: Optional[int] = setting(None, Integer(nullable=True, note=" (examples per optimizer step over all devices)"))
+    eval_batch_size: Optional[int] = setting(None, Integer(nullable=True))
+    num_workers: int = setting(2, Integer(0))
+    pin_memory: bool = setting(False, Flag())
+    persistent_workers: bool = setting(True, Flag())
+    # data=imagefolder: the seeded fraction of each class held out for validation.
+    val_fraction: Real = setting(0.1, Number(0, 1, low_open=True, high_open=True))
+    split_seed: int = setting(0, Integer(0))
+    max_bad_fraction: Real = setting(0.01, Number(0, 1))
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class AugmentConfig:
+    name: str = setting(MISSING, Choice(AUGMENTS))
+    # basic/light: the smallest random-resized crop, as a fraction of the image (official 0.08).
+    crop_min_area: Real = setting(AREA_RANGE[0], Number(0, 1, low_open=True, note=" (the smallest crop, as a fraction of the image)"))
+    # official: <layers><magnitude as 2 digits>, e.g. 405; null for none (checked in nfnet.app.checks).
+    ra_level: Optional[int] = None
+    mixup_alpha: Real = setting(0.2, Number(0, low_open=True))  # NFNET_SPEC §4.3: never overridden
+    mixup: bool = setting(True, Flag())
+    cutmix: bool = setting(True, Flag())
+
+
+@dataclass
+class AGCConfig:
+    clipping: Optional[Real] = setting(PAPER_CLIPPING, Number(0, low_open=True, nullable="to disable AGC", note=" (the AGC lambda)"))
+    eps: Real = setting(DEFAULT_EPS, Number(0, low_open=True))
+
+
+@dataclass
+class EMAConfig:
+    decay: Optional[Real] = setting(PAPER_EMA_DECAY, Number(0, 1, low_open=True, high_open=True, nullable="to disable EMA"))
+
+
+@dataclass
+class OptimConfig:
+    """The paper's recipe (NFNET_SPEC §3-§4); `optim=tiny` shortens it for the CPU default run."""
+
+    base_lr: Real = setting(PAPER_BASE_LR, Number(0, low_open=True, note=" (the LR at batch 256; it scales with the global batch)"))
+    reference_batch: int = setting(REFERENCE_BATCH, Integer())
+    momentum: Real = setting(0.9, Number(0, 1, high_open=True))
+    nesterov: bool = setting(True, Flag())
+    # Coupled L2, not on gains, biases or skip gains.
+    weight_decay: Real = setting(2e-5, Number(0))
+    warmup_epochs: Real = setting(PAPER_WARMUP_EPOCHS, Number(0))
+    end_lr: Real = setting(0.0, Number(0))
+    label_smoothing: Real = setting(0.1, RATE)
+    agc: AGCConfig = field(default_factory=AGCConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    # A step whose loss or gradients hold NaN/Inf is skipped (weights, momentum and EMA untouched)
+    # and counted as train/skipped_steps; this many in a row stop the run, keeping the last good
+    # checkpoint (null: never stop). Not on TPU, where the check would stall the device.
+    skip_nonfinite: bool = setting(True, Flag())
+    max_consecutive_skips: Optional[int] = setting(10, Integer(nullable=True, note=" (non-finite steps in a row that stop the run)"))
+
+
+@dataclass
+class TrainConfig:
+    """`python train.py`: the groups above plus the run's own keys (conf/train.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Library objects built by hydra.utils.instantiate: their keys are the libraries' own.
+    trainer: Any = None
+    callbacks: Any = None
+    logger: Any = None
+    paths: Any = None
+    module: Any = None
+    datamodule: Any = None
+    task_name: str = setting("train", Text())
+    tags: List[str] = field(default_factory=lambda: ["dev"])
+    # Seeds Python, NumPy, torch and the dataloader workers; null leaves the run unseeded.
+    seed: Optional[int] = setting(0, SEED)
+    train: bool = setting(True, Flag())
+    # After fitting, evaluate the best checkpoint on the validation split.
+    test: bool = setting(True, Flag())
+    # A checkpoint to resume from: a path, or `last` for this run directory's latest.
+    ckpt_path: Optional[str] = setting(None, Text("to start fresh", "a checkpoint file or `last`"))
+    resume: bool = setting(False, Flag())
+    # The value train.py returns to sweepers (Optuna maximizes it).
+    optimized_metric: Optional[str] = "val/acc_top1"
+    print_config: bool = setting(True, Flag())
+    # Keys a config cannot run without (experiment=finetune needs weights): a `???` would not do,
+    # since merging `???` over a default keeps the default.
+    requires: List[str] = field(default_factory=list)
+
+
+@dataclass
+class WeightsConfig:
+    """What eval.py, predict.py and export.py load: a train.py checkpoint or pretrained weights."""
+
+    paths: Any = None
+    task_name: str = setting(MISSING, Text())
+    ckpt_path: Optional[str] = setting(None, Text("(then pretrained= names the weights)", "a checkpoint file"))
+    # DeepMind *_haiku.npz, timm dm_nfnet_*, safetensors, with the variant's name in model_name.
+    pretrained: Optional[str] = setting(None, Text("(then ckpt_path= names the weights)", "a weights file"))
+    model_name: Optional[str] = None
+    # ema | raw: which of a checkpoint's two weight sets.
+    weights: str = setting("ema", Choice(("ema", "raw"), " (a checkpoint's EMA or raw weights)"))
+    # null: the test size the checkpoint was validated at (the variant's test size).
+    image_size: Optional[int] = setting(None, Integer(nullable=True, note=" (null: the size the weights were evaluated at)"))
+    # null: as during training (the official 32: resize to (S+32)^2, centre-crop S).
+    eval_pad: Optional[int] = setting(None, Integer(0, nullable=True))
+
+
+@dataclass
+class EvalConfig(WeightsConfig):
+    trainer: Any = None
+    split: str = setting("val", Choice(("val", "train")))
+    # null keeps the dataset the checkpoint was trained on; pretrained weights need both.
+    source: Optional[str] = setting(None, Choice((*SOURCES, None)))
+    root: Optional[str] = None
+    batch_size: int = setting(64, Integer())
+    num_workers: int = setting(2, Integer(0))
+    seed: Optional[int] = setting(0, SEED)
+    output: Optional[str] = None
+
+
+@dataclass
+class VideoConfig:
+    every_n_frames: int = setting(1, Integer(note=" (classify every n-th frame)"))
+    max_frames: Optional[int] = setting(None, Integer(nullable=True, note=" (null: the whole video; a camera runs until Ctrl-C)"))
+
+
+@dataclass
+class PredictConfig(WeightsConfig):
+    input: str = MISSING
+    # A file with one class name per line, for pretrained weights (checkpoints carry theirs).
+    class_names: Optional[str] = None
+    top_k: int = setting(5, Integer())
+    format: str = setting("json", Choice(("json", "csv")))
+    output: Optional[str] = None
+    batch_size: int = setting(16, Integer())
+    device: str = "auto"
+    video: VideoConfig = field(default_factory=VideoConfig)
+
+
+EXPORT_FORMATS = ("onnx", "torch", "safetensors")
+
+
+@dataclass
+class ExportConfig(WeightsConfig):
+    formats: Any = field(default_factory=lambda: ["onnx", "torch"])
+    output_dir: Optional[str] = None
+    check: bool = setting(True, Flag())
+    # Allowed logit difference, relative to the largest logit.
+    tolerance: Real = setting(1e-4, Number(0, low_open=True, note=" (allowed logit difference, relative to the largest logit)"))
+
+
+GROUPS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
+ENTRIES = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "export": ExportConfig}
+
+
+def _variant_field(name: str, key: str):
+    if name not in VARIANTS:
+        raise ValueError(f"model.name={name!r} is not a known NFNet; choose one of: {', '.join(VARIANTS)}")
+    known = [f.name for f in dataclasses.fields(get_variant(name))]
+    if key not in known:
+        raise ValueError(f"the variant table has no field {key!r}; it has: {', '.join(known)}")
+    return getattr(get_variant(name), key)
+
+
+def register() -> None:
+    """Make the schema and the `${variant:...}` resolver known to Hydra (once per process)."""
+    if not OmegaConf.has_resolver("variant"):
+        OmegaConf.register_new_resolver("variant", _variant_field)
+    store = ConfigStore.instance()
+    for group, node in GROUPS.items():
+        store.store(group=group, name="base", node=node)
+    for entry, node in ENTRIES.items():
+        store.store(name=f"{entry}_schema", node=node)
+
+
+def section(group: str, **values: Any) -> dict[str, Any]:
+    """A group's config as a plain dict: the schema's defaults with `values` over them, resolved.
+
+    For building the module and datamodule from Python without Hydra, e.g.
+    `NFNetClassifier(section("model", name="nfnet_f0"), section("optim"), num_classes=1000)`;
+    `data` needs its sizes given (`train_size=`, `test_size=`), which the command line takes from
+    the model.
+    """
+    register()
+    node = OmegaConf.merge(OmegaConf.structured(GROUPS[group]), values)
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def constraint_at(schema: type, key: str) -> Constraint | None:
+    """The constraint of a dotted key in a schema (None for a key without one)."""
+    node, constraint = schema, None
+    for part in key.split("."):
+        match = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
+        if match is None:
+            return None
+        constraint = match.metadata.get("constraint")
+        node = match.default_factory if match.default_factory is not dataclasses.MISSING else None
+    return constraint
+
+
+def constrained_keys(schema: type, prefix: str = "") -> list[tuple[str, Constraint]]:
+    """Every (dotted key, constraint) of a schema, nested dataclasses included."""
+    found = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(nested):
+            found += constrained_keys(nested, f"{key}.")
+        elif f.metadata.get("constraint") is not None:
+            found.append((key, f.metadata["constraint"]))
+    return found

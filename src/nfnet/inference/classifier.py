@@ -1,0 +1,99 @@
+"""One trained weight set, ready for inference, with what is needed to feed it.
+
+A train.py checkpoint holds two weight sets, the raw network and its EMA (nfnet.inference.checkpoint);
+the EMA is what the paper reports and what is loaded unless `weights="raw"`. Converted
+pretrained weights (DeepMind, timm, safetensors) hold one. Either way the result is a plain
+`NFNet` in eval mode plus its class names, image size and eval padding. No Lightning, no Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nfnet.data.transforms import CROP_PADDING
+from nfnet.errors import InputError
+from nfnet.inference.checkpoint import read_checkpoint, weights
+from nfnet.inference.weights import read_any_weights
+from nfnet.models import create_model, get_variant
+from nfnet.models.nfnet import NFNet
+
+# The architecture keys of a checkpoint's `model` section (the rest train it or feed it).
+ARCHITECTURE = ("drop_rate", "stochdepth_rate", "activation", "gelu_approximate")
+
+
+@dataclass
+class Classifier:
+    net: NFNet
+    model_name: str
+    class_names: list[str]
+    image_size: int
+    eval_pad: int
+    weights: str  # "ema", "raw" or "pretrained"
+    weights_file: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The datamodule's hyperparameters of a checkpoint: the data it was trained on.
+    data_hparams: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "weights": self.weights, "weights_file": self.weights_file,
+                "num_classes": len(self.class_names)}
+
+    def to_device(self, device: str) -> torch.device:
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        target = torch.device(device)
+        self.net.to(target).eval()
+        return target
+
+
+def from_checkpoint(path: str, which: str = "ema", image_size: int | None = None,
+                    eval_pad: int | None = None) -> Classifier:
+    """A train.py checkpoint's `which` weight set ("ema" or "raw").
+
+    Raises pickle.UnpicklingError for a file that would run code, InputError for one that cannot
+    be used."""
+    path = os.path.expanduser(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    data_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    state = weights(checkpoint["state_dict"], which)
+    if not state:
+        raise InputError(f"{path} holds no EMA weights (trained with optim.ema.decay=null); use weights=raw")
+    model = hparams["model"]
+    kwargs = {k: model[k] for k in ARCHITECTURE if k in model}
+    net = create_model(model["name"], num_classes=hparams["num_classes"], **kwargs)
+    net.load_state_dict(state)
+    names = [str(n) for n in (hparams.get("class_names") or range(hparams["num_classes"]))]
+    data = data_hparams.get("data") or {}
+    size = image_size or data.get("test_size") or get_variant(model["name"]).test_size
+    pad = eval_pad if eval_pad is not None else data.get("eval_pad", CROP_PADDING)
+    return Classifier(net.eval(), model["name"], names, int(size), int(pad), which, path, kwargs, data_hparams)
+
+
+def from_pretrained(path: str, model_name: str, class_names_file: str | None = None,
+                    image_size: int | None = None, eval_pad: int | None = None) -> Classifier:
+    """Converted pretrained weights of the variant `model_name` (DeepMind, timm, safetensors)."""
+    path = os.path.expanduser(path)
+    state = read_any_weights(path)
+    num_classes = state["classifier.weight"].shape[0]
+    net = create_model(model_name, num_classes=num_classes)
+    net.load_state_dict(state)
+    names = class_names(class_names_file, num_classes)
+    size = image_size or get_variant(model_name).test_size
+    pad = eval_pad if eval_pad is not None else CROP_PADDING
+    return Classifier(net.eval(), model_name, names, int(size), int(pad), "pretrained", path)
+
+
+def class_names(path: str | None, num_classes: int) -> list[str]:
+    """One class name per line of `path`; without a file, the class indices."""
+    if not path:
+        return [str(i) for i in range(num_classes)]
+    names = [line.strip() for line in Path(os.path.expanduser(path)).read_text().splitlines() if line.strip()]
+    if len(names) != num_classes:
+        raise InputError(f"class_names={path!r} has {len(names)} names but the weights have {num_classes} classes")
+    return names

@@ -1,0 +1,34 @@
+"""The images a weight set is evaluated on: a split of a data source, through the official eval
+transform at the weights' image size (resize to (S + pad)^2, centre-crop S). No Lightning, no Hydra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nfnet.data import sources
+from nfnet.data.folder import ImageFolderDataset
+from nfnet.data.transforms import ResizeCropEval
+from nfnet.errors import InputError
+from nfnet.inference.classifier import Classifier
+
+
+def eval_dataset(classifier: Classifier, data: Mapping[str, Any], split: str) -> ImageFolderDataset:
+    """`split` ("val" or "train") of the source `data` describes (a data config section:
+    source, root, val_fraction, split_seed, max_bad_fraction, shapes), whose classes must be the
+    weights' classes (in the same order, for a checkpoint)."""
+    sources.prepare(data)
+    if split == "val":
+        classes, samples = sources.val_classes_and_samples(data)
+    else:
+        classes, samples, _ = sources.split_samples(data)
+    if len(classes) != len(classifier.class_names) or (
+        classifier.weights != "pretrained" and list(classes) != classifier.class_names
+    ):
+        raise InputError(
+            f"the data at {data['root']!r} has {len(classes)} classes ({', '.join(classes[:3])}, ...) but the "
+            f"weights were trained on {len(classifier.class_names)} ({', '.join(classifier.class_names[:3])}, ...)"
+        )
+    transform = ResizeCropEval(classifier.image_size, pad=classifier.eval_pad)
+    return ImageFolderDataset(samples, classes, transform, max_bad_fraction=data["max_bad_fraction"], name=split)

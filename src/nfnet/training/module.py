@@ -1,0 +1,219 @@
+"""NFNetClassifier: the LightningModule that trains an NFNet the way the paper does.
+
+It owns the network and its EMA copy, the soft-target loss with label smoothing after mixing, the
+metrics (raw and EMA side by side, as the paper reports both), SGD with Nesterov momentum and
+role-based weight decay under the per-step warmup + cosine schedule, and adaptive gradient
+clipping in `on_before_optimizer_step`, where Lightning hands over gradients that are unscaled,
+accumulated and, under DDP/XLA, already averaged across replicas. The EMA update
+(nfnet.training.ema) runs inside its optimizer step; the non-finite step guard and the finite
+checkpoint check are callbacks it brings itself (`configure_callbacks`), so a plain `Trainer`
+gets them too.
+
+Its arguments are the config's `model` and `optim` sections as plain mappings (their schema and
+defaults: nfnet.app.schema), so checkpoints hold primitives only and load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+
+from nfnet.data.transforms import normalize
+from nfnet.inference.weights import load_pretrained
+from nfnet.models import create_model
+from nfnet.models.nfnet import NFNet
+from nfnet.optim.agc import AdaptiveGradClipper, check_unscaled_gradients
+from nfnet.optim.param_groups import agc_named_parameters, optimizer_param_groups, stage_of
+from nfnet.optim.schedule import follow_schedule, run_schedule_lengths, scale_lr, warmup_cosine_scheduler
+from nfnet.training.checkpoints import FiniteCheckpoints
+from nfnet.training.ema import EMAUpdate
+from nfnet.training.guard import NonFiniteGuard, poison_nonfinite_loss
+from nfnet.training.metrics import TOP_K, accuracies, log_global_accuracy, log_train_step_xla
+from nfnet.training.xla import forward_in_dtype, on_xla
+
+# Normalization is done by the module on purpose (it belongs to the network's input contract and
+# must run on the device after a uint8 transfer, whatever datamodule feeds it), so Lightning's
+# notice that the module's hook wins over the datamodule's is expected, not a problem.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+
+
+class NFNetClassifier(pl.LightningModule):
+    def __init__(self, model: Mapping[str, Any], optim: Mapping[str, Any], num_classes: int,
+                 class_names: list[str] | None = None, net: NFNet | None = None) -> None:
+        """`net`: an NFNet already built and loaded (evaluation of converted weights); by default
+        the network is built from `model`."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        if net is None:
+            net = create_model(
+                model["name"], num_classes=num_classes, drop_rate=model["drop_rate"],
+                stochdepth_rate=model["stochdepth_rate"], activation=model["activation"],
+                gelu_approximate=model["gelu_approximate"],
+            )
+        self.net = net
+        if model["pretrained"]:
+            load_pretrained(self.net, model["pretrained"])
+        if model["channels_last"]:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        # A frozen copy that `ema` moves after each optimizer step; it is part of the state dict,
+        # so a checkpoint holds both weight sets and a resume restores both.
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if optim["ema"]["decay"] is not None else None
+        # Callbacks (configure_callbacks); the EMA moves only after the steps the guard let through.
+        self.guard = NonFiniteGuard(optim["max_consecutive_skips"]) if optim["skip_nonfinite"] else None
+        self.ema = EMAUpdate(optim["ema"]["decay"], self.guard) if self.ema_net is not None else None
+        # By stage ("fit" for training: ModuleDict keys may not shadow nn.Module.train).
+        self.metrics = torch.nn.ModuleDict(
+            {stage: accuracies(num_classes) for stage in ("fit", "val", "val_ema", "test", "test_ema")}
+        )
+        # Built in on_fit_start, once the parameters are where training runs them.
+        self.clipper: AdaptiveGradClipper | None = None
+        # (warmup, total) steps as configure_optimizers planned them, before the loop starts
+        # (EpochLength then resizes each epoch); on_train_start holds a restored schedule to it.
+        self.planned_schedule: tuple[float, int] | None = None
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [FiniteCheckpoints(), *([self.guard] if self.guard is not None else [])]
+
+    # ----------------------------------------------------------------- data on the device
+    def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
+        # Images travel as uint8 (4x fewer bytes than float) and are normalized here, on device.
+        images, targets = batch
+        images = normalize(images)
+        if self.hparams.model["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.model["compile"] and stage == "fit":
+            # Compiling the network in place (not the LightningModule) keeps `self.log` out of
+            # the graph and the state-dict keys free of an `_orig_mod.` prefix.
+            self.net.compile()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    # ----------------------------------------------------------------- loss
+    def soft_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Integer labels or mixed soft labels -> smoothed distributions (smoothing after mixing)."""
+        num_classes, eps = self.hparams.num_classes, self.hparams.optim["label_smoothing"]
+        if targets.dtype in (torch.int64, torch.int32):
+            targets = F.one_hot(targets.long(), num_classes)
+        return (1.0 - eps) * targets.float() + eps / num_classes
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # float32 logits: under bf16 the log-softmax of 1000 classes loses too much precision.
+        return -(self.soft_targets(targets) * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+    @staticmethod
+    def hard_labels(targets: torch.Tensor) -> torch.Tensor:
+        # For accuracy on mixed batches the dominant source image's label is the reference.
+        return targets if targets.ndim == 1 else targets.argmax(dim=-1)
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        # trainer=tpu's precision plugin asks for bf16 compute over float32 weights (nfnet.training.xla).
+        compute_dtype = getattr(self.trainer.precision_plugin, "compute_dtype", None)
+        logits = self.net(images) if compute_dtype is None else forward_in_dtype(self.net, images, compute_dtype)
+        loss = self.loss(logits, targets)
+        labels = self.hard_labels(targets)
+        if on_xla(logits):
+            log_train_step_xla(self, loss, logits, labels, TOP_K)
+        else:
+            for metric in self.metrics["fit"].values():
+                metric.update(logits.detach(), labels)
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+            self.log_dict({f"train/{k}": m for k, m in self.metrics["fit"].items()}, on_step=False, on_epoch=True)
+        # The schedule's value is a Python float: logging it costs no device sync.
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if self.hparams.optim["skip_nonfinite"] and not on_xla(loss):
+            loss = poison_nonfinite_loss(loss)
+        return loss
+
+    def _evaluate(self, batch, stage: str) -> None:
+        images, labels = batch
+        for net, name, prefix in ((self.net, stage, f"{stage}/"), (self.ema_net, f"{stage}_ema", f"{stage}/ema_")):
+            if net is None:
+                continue
+            logits, raw = net(images), net is self.net
+            if raw:
+                self.log(f"{stage}/loss", self.loss(logits, labels), on_epoch=True, sync_dist=True)
+            if on_xla(logits):  # global across TPU cores, as in training_step
+                log_global_accuracy(self, prefix, logits, labels, TOP_K, prog_bar=raw)
+                continue
+            for metric in self.metrics[name].values():
+                metric.update(logits, labels)
+            self.log_dict({f"{prefix}{k}": m for k, m in self.metrics[name].items()}, on_epoch=True, prog_bar=raw)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        net = self.ema_net if self.ema_net is not None else self.net
+        return torch.softmax(net(images).float(), dim=-1)
+
+    # ----------------------------------------------------------------- AGC
+    def on_fit_start(self) -> None:
+        agc = self.hparams.optim["agc"]
+        if agc["clipping"] is not None:
+            for optimizer in self.trainer.optimizers:
+                check_unscaled_gradients(optimizer)
+            # The classifier weight is exempt by role (NFNET_SPEC §3); the plan that batches the
+            # unit-wise norms across parameters is built once here, not on every step.
+            self.clipper = AdaptiveGradClipper(agc_named_parameters(self.net), agc["clipping"], agc["eps"], group_fn=stage_of)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.clipper is None:
+            return
+        # Tensors go to the logger: they are read back only at the logging interval. Per stage,
+        # the fractions show where lambda bites (a dashboard for tuning it).
+        self.log("train/agc_clip_frac", self.clipper.clip_(), on_step=True, on_epoch=False)
+        fractions = {f"train/agc_clip_frac_{group}": value for group, value in self.clipper.group_fractions().items()}
+        self.log_dict(fractions, on_step=True, on_epoch=False)
+
+    # ----------------------------------------------------------------- optimizer and schedule
+    def global_batch_size(self) -> int:
+        trainer = self.trainer
+        if getattr(trainer.datamodule, "batch_size", None) is None:
+            raise ValueError("NFNetClassifier needs a datamodule with a `batch_size` to scale the learning rate")
+        return trainer.datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        optim = self.hparams.optim
+        peak_lr = scale_lr(optim["base_lr"], self.global_batch_size(), optim["reference_batch"])
+        optimizer = torch.optim.SGD(
+            optimizer_param_groups(self.net, optim["weight_decay"]), lr=peak_lr, momentum=optim["momentum"],
+            nesterov=optim["nesterov"],
+        )
+        trainer = self.trainer
+        self.planned_schedule = warmup, total = run_schedule_lengths(
+            getattr(trainer.datamodule, "num_train_examples", None), self.global_batch_size(), trainer.max_epochs,
+            optim["warmup_epochs"], trainer.estimated_stepping_batches,
+        )
+        scheduler = warmup_cosine_scheduler(optimizer, warmup, total, optim["end_lr"] / peak_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:  # global_step still counts the steps before this one here
+            self.ema.update(self.net, self.ema_net, self.global_step)
+
+    def on_train_start(self) -> None:
+        # A checkpoint restores the schedule it was written with: a run resumed with more epochs
+        # would stay on the old one, already decayed to its end LR. Follow this run's config.
+        if not self.trainer.lr_scheduler_configs:
+            return
+        change = follow_schedule(self.trainer.lr_scheduler_configs[0].scheduler, *self.planned_schedule)
+        if change is not None:
+            rank_zero_info(f"LR schedule: {change}")
