@@ -14,6 +14,7 @@ from nfnet.data.folder import (
     EmptyClassFolder,
     ImageFolderDataset,
     TooManyBadFiles,
+    build_index,
     load_rgb,
     scan_image_folder,
     seeded_split,
@@ -118,6 +119,7 @@ def test_names_that_are_not_utf8_are_skipped_and_named(tmp_path):
         warnings.simplefilter("ignore")
         _, samples = scan_image_folder(root)
         seeded_split(samples, 0.5, seed=0)
+        assert len(build_index(root).samples) == 2
 
 
 def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):

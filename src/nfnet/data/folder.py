@@ -3,7 +3,8 @@
 Layouts: ImageNet-style ``root/train/<class>/...`` + ``root/val/<class>/...`` (scan each split
 directory) or one generic ``root/<class>/...`` folder split with :func:`seeded_split`. Scanning
 (safe on hostile trees) is in :mod:`nfnet.data.folder_scan`, splits and manifests in
-:mod:`nfnet.data.folder_split`; their public names are re-exported here.
+:mod:`nfnet.data.folder_split`, the index that lets every rank skip the header checks in
+:mod:`nfnet.data.folder_index`; their public names are re-exported here.
 
 Bad files never stop a run, up to ``max_bad_fraction``. They are caught in two places:
 
@@ -11,6 +12,7 @@ Bad files never stop a run, up to ``max_bad_fraction``. They are caught in two p
   bytes are not a known image signature (a text or HTML page saved as ``.jpg``) are dropped.
   This costs one ``open`` + a 16-byte read per file, done on a thread pool, so it scales to
   ImageNet's 1.28M files; it is what lets a split that is mostly junk fail *before* training.
+  A folder index (``known_bad=index.bad``) carries these results, so no file is opened then.
 * Lazily, in ``__getitem__``: corrupt or truncated files have valid headers, and finding them
   would need a full decode of every file up front (minutes on ImageNet), so they are found when
   first decoded. Such a file is warned about once (per process), and the item is replaced by the
@@ -37,6 +39,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
 from nfnet.data.folder_files import IMAGE_EXTENSIONS, check_header, printable, read_file, signature, summary
+from nfnet.data.folder_index import FolderIndex, build_index, load_index
 from nfnet.data.folder_scan import EmptyClassFolder, scan_image_folder
 from nfnet.data.folder_split import (
     ManifestRow,
@@ -48,8 +51,8 @@ from nfnet.data.folder_split import (
 )
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "EmptyClassFolder", "ImageFolderDataset", "ManifestRow", "TooManyBadFiles",
-    "decode_rgb", "load_rgb", "relative_paths", "scan_image_folder", "seeded_split",
+    "IMAGE_EXTENSIONS", "EmptyClassFolder", "FolderIndex", "ImageFolderDataset", "ManifestRow", "TooManyBadFiles",
+    "build_index", "decode_rgb", "load_index", "load_rgb", "relative_paths", "scan_image_folder", "seeded_split",
     "split_manifest", "write_file_list", "write_manifest",
 ]
 
