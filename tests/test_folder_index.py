@@ -166,6 +166,69 @@ def test_two_processes_building_at_once_both_end_with_a_valid_index(tmp_path):
         p.join(timeout=100)
         assert p.exitcode == 0
     assert got[0] == got[1]
-    assert [os.path.basename(p) for p in os.listdir(root) if p.startswith(".")] == [f".nfnet-index-{got[0][0]}.json"]
+    # One whole index and the builders' lock file; no temporary file is left behind.
+    assert sorted(p for p in os.listdir(root) if p.startswith(".")) == [f".nfnet-index-{got[0][0]}.json", ".nfnet-index.lock"]
     loaded = load_index(root)
     assert (loaded.key, loaded.samples, loaded.bad) == got[0]
+
+
+def test_an_index_planted_in_the_tree_cannot_add_files(tmp_path):
+    root = _tree(tmp_path / "photos")
+    index = build_index(root)
+    text = open(index.path).read()
+    for planted in ('"files":["../../etc/passwd",', '"files":["/etc/passwd",', '"files":["cat/../../x.jpg",'):
+        with open(index.path, "w") as f:
+            f.write(text.replace('"files":[', planted, 1))
+        with pytest.warns(UserWarning, match="not plainly inside the root"):
+            assert load_index(root, key=index.key) is None
+    # A well-formed file list that is not the tree's: refused whenever the tree is walked.
+    with open(index.path, "w") as f:
+        f.write(text.replace('"files":[', '"files":["dog/planted.jpg",', 1))
+    with pytest.warns(UserWarning, match="its files differ from the folder's"):
+        assert load_index(root) is None
+
+
+def _build_counting(root, go, results):
+    go.wait()
+    calls = []
+    real = folder_index.check_header
+    folder_index.check_header = lambda path: calls.append(path) or real(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = build_index(root)
+    results.put((len(calls), index.key))
+
+
+def _blocked_on(lock_path):
+    """Whether some process waits for a flock on lock_path (Linux lists waiters with '->')."""
+    inode = os.stat(lock_path).st_ino
+    with open("/proc/locks") as f:
+        return any("->" in line and line.split()[-3].endswith(f":{inode}") for line in f)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux's /proc/locks to see a waiting builder")
+def test_a_builder_that_finds_another_one_building_waits_and_reads_its_index(tmp_path):
+    import fcntl
+
+    root = _tree(tmp_path / "photos")
+    index = build_index(root)
+    text = open(index.path).read()
+    os.unlink(index.path)
+    lock = root / ".nfnet-index.lock"
+    ctx = multiprocessing.get_context("fork")
+    go, results = ctx.Event(), ctx.Queue()
+    # Forked before the lock is taken: a child would inherit the locked descriptor, and the lock.
+    child = ctx.Process(target=_build_counting, args=(str(root), go, results))
+    child.start()
+    with open(lock, "a") as held:  # this test is the builder that got there first
+        fcntl.flock(held, fcntl.LOCK_EX)
+        go.set()
+        while not _blocked_on(lock):
+            child.join(timeout=0.01)
+            assert child.exitcode is None, "the second builder did not wait for the lock"
+        with open(index.path, "w") as f:  # the first builder's index lands, then it lets go
+            f.write(text)
+    checks, key = results.get(timeout=100)
+    child.join(timeout=100)
+    assert (checks, key) == (0, index.key)

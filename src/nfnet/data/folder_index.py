@@ -7,9 +7,13 @@ Without it every DDP rank's ``setup`` walks the tree and opens every file for th
   ``stat``s every image file (size, mtime, inode: no open) and digests that listing into a key.
   If ``<root>/.nfnet-index-<key>.json`` exists, it is read and nothing is opened; otherwise
   the headers are checked and the index is written there, atomically (a temporary file, then
-  ``os.replace``), so a reader never sees half a file and two builders at once both leave a
-  whole, identical file. A root that cannot be written to puts the index in ``cache_dir``
+  ``os.replace``), so a reader never sees half a file. Builders started together (one per
+  node) take turns on a ``flock``: one checks the headers, the others wait and read its index;
+  where ``flock`` is not available each builds, and the atomic writes still leave one whole
+  file. A root that cannot be written to puts the index in ``cache_dir``
   (``nfnet-index-<root id>-<key>.json``). Indexes of earlier states of the tree are removed.
+  An index file is data from the (possibly hostile) tree: it may not name a path outside the
+  root, and when the tree was walked its listing must equal the walk's.
 * ``setup`` (every rank) calls :func:`load_index`: the same walk and key, then a read. Given
   the ``key`` that rank 0 built (``FolderIndex.key``, broadcast), it skips even the walk and
   pays one file read.
@@ -23,6 +27,8 @@ dataset keeps its index (``mv`` keeps mtimes and inodes; a copy rebuilds it).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,9 +36,9 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
-from nfnet.data.folder_files import atomic_write_text, check_header, relative_path
+from nfnet.data.folder_files import atomic_write_text, check_header, printable, relative_path
 from nfnet.data.folder_scan import Listing, report, walk_image_folder
 
 _FORMAT = "nfnet-folder-index"
@@ -78,6 +84,14 @@ def _to_json(listing: Listing, key: str, bad: dict[str, str]) -> str:
     }, separators=(",", ":"))
 
 
+def _check_relpath(rel: str) -> None:
+    # The data tree may be hostile, and so may an index file found in it: never let one name a
+    # file outside the root.
+    padded = f"/{rel}/"
+    if rel.startswith("/") or "//" in rel or "/../" in padded or "/./" in padded or rel in ("", ".", ".."):
+        raise ValueError(f"it names a path that is not plainly inside the root: {printable(rel)!r}")
+
+
 def _from_json(text: str, root: str, key: str) -> tuple[Listing, dict[str, str]]:
     data = json.loads(text)
     if not isinstance(data, dict) or data.get("format") != _FORMAT or data.get("version") != _VERSION:
@@ -85,6 +99,8 @@ def _from_json(text: str, root: str, key: str) -> tuple[Listing, dict[str, str]]
     if data["key"] != key:
         raise ValueError("its key does not match its name")
     listing = Listing(root, bool(data["follow_links"]), [str(c) for c in data["classes"]])
+    for rel in listing.classes + data["files"]:
+        _check_relpath(rel)
     label = {name: i for i, name in enumerate(listing.classes)}
     sep = "" if root.endswith(os.sep) else os.sep
     listing.samples = [(root + sep + rel.replace("/", os.sep), label[rel.split("/", 1)[0]]) for rel in data["files"]]
@@ -97,7 +113,9 @@ def _from_json(text: str, root: str, key: str) -> tuple[Listing, dict[str, str]]
     return listing, bad
 
 
-def _read(path: str, root: str, key: str) -> Optional[tuple[Listing, dict[str, str]]]:
+def _read(path: str, root: str, key: str, walked: Optional[Listing]) -> Optional[tuple[Listing, dict[str, str]]]:
+    """The stored listing and bad files, or None (with a warning unless there is no file). A
+    listing just walked must match the stored one exactly."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -107,7 +125,10 @@ def _read(path: str, root: str, key: str) -> Optional[tuple[Listing, dict[str, s
         warnings.warn(f"ignoring the folder index {path} (cannot be read: {e}); it is rebuilt by build_index")
         return None
     try:
-        return _from_json(text, root, key)
+        stored, bad = _from_json(text, root, key)
+        if walked is not None and (stored.classes, stored.samples) != (walked.classes, walked.samples):
+            raise ValueError("its files differ from the folder's")
+        return stored, bad
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         warnings.warn(f"ignoring the corrupt folder index {path} ({type(e).__name__}: {e}); it is rebuilt by build_index")
         return None
@@ -148,6 +169,46 @@ def _index(listing: Listing, key: str, bad: dict[str, str], path: Optional[str])
     return FolderIndex(listing.root, key, listing.classes, listing.samples, bad, path)
 
 
+def _find(candidates: list[str], root: str, key: str, walked: Optional[Listing]) -> Optional[tuple[FolderIndex, Listing]]:
+    """The first valid index among ``candidates``, and the listing stored in it."""
+    for path in candidates:
+        found = _read(path, root, key, walked)
+        if found is not None:
+            return _index(found[0], key, found[1], path), found[0]
+    return None
+
+
+@contextlib.contextmanager
+def _builder_lock(candidates: list[str]) -> Iterator[bool]:
+    """An exclusive ``flock`` on a lock file beside the first index location that allows one
+    (``.nfnet-index.lock``), so that of builders started together one checks the headers and
+    the others wait for its index. Yields whether another builder held it first. Where no lock
+    can be taken (nowhere writable, a file system without ``flock``), builders go ahead
+    unlocked: each then builds, which is slower but still safe."""
+    fd, waited = None, False
+    for path in candidates:
+        name = os.path.basename(path)
+        lock = os.path.join(os.path.dirname(path), name[: name.rindex("-")] + ".lock")
+        try:
+            os.makedirs(os.path.dirname(lock), exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            break
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield waited
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock; the file stays, as removing it would race a waiter
+
+
 def load_index(
     root: str, cache_dir: Optional[str] = None, *, key: Optional[str] = None, follow_links: bool = True
 ) -> Optional[FolderIndex]:
@@ -162,19 +223,17 @@ def load_index(
     root = os.path.abspath(os.fspath(root))
     if key is not None and not re.fullmatch(r"[0-9a-f]{32}", key):
         raise ValueError(f"load_index: key={key!r} is not a folder-index key; pass FolderIndex.key as build_index returned it")
-    walked = key is None
-    if walked:
+    listing = None
+    if key is None:
         listing = walk_image_folder(root, follow_links, with_stats=True)
         report(listing)
         key = listing.key()
-    for path in _candidates(root, key, cache_dir):
-        found = _read(path, root, key)
-        if found is not None:
-            stored, bad = found
-            if not walked:  # the walk warned already; without it, the stored listing does
-                report(stored)
-            return _index(stored, key, bad, path)
-    return None
+    found = _find(_candidates(root, key, cache_dir), root, key, listing)
+    if found is None:
+        return None
+    if listing is None:  # a walk warned already; without one, the stored listing does
+        report(found[1])
+    return found[0]
 
 
 def build_index(
@@ -188,12 +247,15 @@ def build_index(
     report(listing)
     key = listing.key()
     candidates = _candidates(root, key, cache_dir)
-    for path in candidates:
-        found = _read(path, root, key)
+    found = _find(candidates, root, key, listing)
+    if found is not None:
+        return found[0]
+    with _builder_lock(candidates) as waited:
+        found = _find(candidates, root, key, listing) if waited else None
         if found is not None:
-            return _index(found[0], key, found[1], path)
-    paths = [p for p, _ in listing.samples]
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        reasons = list(pool.map(check_header, paths))
-    bad = {p: why for p, why in zip(paths, reasons) if why is not None}
-    return _index(listing, key, bad, _write(_to_json(listing, key, bad), candidates))
+            return found[0]
+        paths = [p for p, _ in listing.samples]
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            reasons = list(pool.map(check_header, paths))
+        bad = {p: why for p, why in zip(paths, reasons) if why is not None}
+        return _index(listing, key, bad, _write(_to_json(listing, key, bad), candidates))
