@@ -107,7 +107,9 @@ def test_lopsided_small_classes_are_named_not_evened_out():
 
 def test_manifest_and_file_list(tmp_path):
     root = tmp_path / "photos"
-    contents = {"cats/a.jpg": b"\xff\xd8\xffcat-a", "cats/sub/b.png": b"\x89PNG\r\n\x1a\nb", "dogs/c.jpg": b"\xff\xd8\xffdog"}
+    contents = {
+        "cats/a.jpg": b"\xff\xd8\xffcat-a", "cats/sub/b.png": b"\x89PNG\r\n\x1a\nb", "dogs/c.jpg": b"\xff\xd8\xffdog",
+    }
     for rel, data in contents.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)

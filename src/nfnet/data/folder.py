@@ -178,7 +178,9 @@ class ImageFolderDataset(Dataset):
             )
         self._check_fraction()
         if not self.samples:
-            raise TooManyBadFiles(f"{name} split: every one of its {self.num_scanned} files is a bad image; fix or replace them")
+            raise TooManyBadFiles(
+                f"{name} split: every one of its {self.num_scanned} files is a bad image; fix or replace them"
+            )
 
     @property
     def num_bad(self) -> int:

@@ -130,7 +130,9 @@ def _read(path: str, root: str, key: str, walked: Optional[Listing]) -> Optional
             raise ValueError("its files differ from the folder's")
         return stored, bad
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        warnings.warn(f"ignoring the corrupt folder index {path} ({type(e).__name__}: {e}); it is rebuilt by build_index")
+        warnings.warn(
+            f"ignoring the corrupt folder index {path} ({type(e).__name__}: {e}); it is rebuilt by build_index"
+        )
         return None
 
 
@@ -169,7 +171,9 @@ def _index(listing: Listing, key: str, bad: dict[str, str], path: Optional[str])
     return FolderIndex(listing.root, key, listing.classes, listing.samples, bad, path)
 
 
-def _find(candidates: list[str], root: str, key: str, walked: Optional[Listing]) -> Optional[tuple[FolderIndex, Listing]]:
+def _find(
+    candidates: list[str], root: str, key: str, walked: Optional[Listing]
+) -> Optional[tuple[FolderIndex, Listing]]:
     """The first valid index among ``candidates``, and the listing stored in it."""
     for path in candidates:
         found = _read(path, root, key, walked)
@@ -222,7 +226,9 @@ def load_index(
     """
     root = os.path.abspath(os.fspath(root))
     if key is not None and not re.fullmatch(r"[0-9a-f]{32}", key):
-        raise ValueError(f"load_index: key={key!r} is not a folder-index key; pass FolderIndex.key as build_index returned it")
+        raise ValueError(
+            f"load_index: key={key!r} is not a folder-index key; pass FolderIndex.key as build_index returned it"
+        )
     listing = None
     if key is None:
         listing = walk_image_folder(root, follow_links, with_stats=True)
