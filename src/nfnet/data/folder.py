@@ -1,20 +1,24 @@
-"""Image-folder sources: scanning, seeded splits, decoding, and bad-file handling.
+"""Image-folder sources: decoding, and the dataset with its bad-file handling.
 
 Layouts: ImageNet-style ``root/train/<class>/...`` + ``root/val/<class>/...`` (scan each split
-directory) or one generic ``root/<class>/...`` folder split with :func:`seeded_split`.
+directory) or one generic ``root/<class>/...`` folder split with :func:`seeded_split`. Scanning
+(safe on hostile trees) is in :mod:`nfnet.data.folder_scan`, splits and manifests in
+:mod:`nfnet.data.folder_split`, the index that lets every rank skip the header checks in
+:mod:`nfnet.data.folder_index`; their public names are re-exported here.
 
-Bad files never stop a run. They are caught in two places:
+Bad files never stop a run, up to ``max_bad_fraction``. They are caught in two places:
 
 * Up front, when a dataset is built (``verify=True``): zero-byte files and files whose first
   bytes are not a known image signature (a text or HTML page saved as ``.jpg``) are dropped.
   This costs one ``open`` + a 16-byte read per file, done on a thread pool, so it scales to
   ImageNet's 1.28M files; it is what lets a split that is mostly junk fail *before* training.
+  A folder index (``known_bad=index.bad``) carries these results, so no file is opened then.
 * Lazily, in ``__getitem__``: corrupt or truncated files have valid headers, and finding them
   would need a full decode of every file up front (minutes on ImageNet), so they are found when
   first decoded. Such a file is warned about once (per process), and the item is replaced by the
   next decodable sample in path order (deterministic, and usually the same class, since samples
   are sorted by path). If the bad files known to this process exceed the allowed fraction, the
-  run stops with a clear error rather than silently training on a shrinking dataset.
+  run stops with :class:`TooManyBadFiles` rather than silently training on a shrinking dataset.
 
 Each bad file is logged by name at WARNING level (logger ``nfnet.data.folder``); a summary with
 the count is also issued through :mod:`warnings` so it shows once in any console.
@@ -22,23 +26,37 @@ the count is also issued through :mod:`warnings` so it shows once in any console
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-log = logging.getLogger(__name__)
+from nfnet.data.folder_files import IMAGE_EXTENSIONS, check_header, printable, read_file, signature, summary
+from nfnet.data.folder_index import FolderIndex, build_index, load_index
+from nfnet.data.folder_scan import EmptyClassFolder, scan_image_folder
+from nfnet.data.folder_split import (
+    ManifestRow,
+    relative_paths,
+    seeded_split,
+    split_manifest,
+    write_file_list,
+    write_manifest,
+)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+__all__ = [
+    "IMAGE_EXTENSIONS", "EmptyClassFolder", "FolderIndex", "ImageFolderDataset", "ManifestRow", "TooManyBadFiles",
+    "build_index", "decode_rgb", "load_index", "load_rgb", "relative_paths", "scan_image_folder", "seeded_split",
+    "split_manifest", "write_file_list", "write_manifest",
+]
+
+log = logging.getLogger(__name__)
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec and says so on first use in
 # every worker process. The decoders are what this project is specified to use, and a
@@ -48,25 +66,6 @@ warnings.filterwarnings(
     message=r"The image decoding and encoding capabilities of TorchVision are deprecated",
     category=DeprecationWarning,
 )
-
-# How many bad-file names a summary warning spells out; every name is in the log regardless.
-_NAMES_IN_SUMMARY = 20
-
-
-def _signature(head: bytes) -> Optional[str]:
-    """Image format from the first bytes of a file, or None if it is not a supported image."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:2] == b"BM":
-        return "bmp"
-    return None
-
 
 def _decode_bmp(data: bytes) -> torch.Tensor:
     # torchvision.io has no BMP decoder; Pillow (already a torchvision dependency) does, and
@@ -95,7 +94,7 @@ def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
         head = data[:16]
     if len(raw) == 0:
         raise ValueError("empty file")
-    if _signature(head) == "bmp":
+    if signature(head) == "bmp":
         return _decode_bmp(bytes(raw.numpy()) if isinstance(data, torch.Tensor) else data)
     img = decode_image(raw, mode=ImageReadMode.RGB)
     if img.ndim == 4:  # animated GIF: (frames, C, H, W)
@@ -106,118 +105,25 @@ def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
 
 
 def load_rgb(path: str) -> torch.Tensor:
-    """Read and decode one file (see :func:`decode_rgb`)."""
-    with open(path, "rb") as f:
-        return decode_rgb(f.read())
+    """Read and decode one file (see :func:`decode_rgb`); a FIFO, socket or device raises
+    ``OSError`` instead of being opened."""
+    return decode_rgb(read_file(path))
 
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+class TooManyBadFiles(ValueError):
+    """More bad files in a split than ``data.max_bad_fraction`` allows; the message is one line.
 
-
-def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted subdirectory names of ``root``) and (path, label) samples sorted by path.
-
-    Images may sit in nested folders below a class folder. Hidden files are ignored silently;
-    other files with a non-image extension are ignored with one warning naming them.
+    Raised inside a DataLoader worker, it reaches the main process rebuilt by PyTorch from
+    ``"Caught TooManyBadFiles in DataLoader worker process N.\nOriginal Traceback ..."``; the
+    constructor recovers the original line from that text, so ``str(error)`` is the same in
+    every process and the app can print it as it is.
     """
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"image folder {root!r} does not exist or is not a directory; point the data root "
-            "at a folder laid out as <root>/<class_name>/<image files>"
-        )
-    with os.scandir(root) as it:
-        classes = sorted(
-            e.name for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")
-        )
-    if not classes:
-        raise ValueError(
-            f"image folder {root!r} has no class subfolders; expected <root>/<class_name>/<images> "
-            "(one subfolder per class)"
-        )
-    samples: list[tuple[str, int]] = []
-    foreign: list[str] = []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                path = os.path.join(dirpath, name)
-                (samples.append((path, label)) if _is_image_name(name) else foreign.append(path))
-    samples.sort()
-    if foreign:
-        for path in foreign:
-            log.warning("ignoring non-image file (extension not in %s): %s", IMAGE_EXTENSIONS, path)
-        warnings.warn(_summary(f"ignored {len(foreign)} non-image file(s) in {root!r}", foreign))
-    if not samples:
-        raise ValueError(
-            f"image folder {root!r} has {len(classes)} class folder(s) ({', '.join(classes[:5])}"
-            f"{', ...' if len(classes) > 5 else ''}) but no image files with extensions "
-            f"{IMAGE_EXTENSIONS}"
-        )
-    return classes, samples
 
-
-def _summary(head: str, names: Sequence[str]) -> str:
-    shown = "\n  ".join(names[:_NAMES_IN_SUMMARY])
-    more = f"\n  ... and {len(names) - _NAMES_IN_SUMMARY} more (all are in the log)" if len(
-        names
-    ) > _NAMES_IN_SUMMARY else ""
-    return f"{head}:\n  {shown}{more}"
-
-
-def _split_key(seed: int, path: str, label: int) -> bytes:
-    # Keyed on the class and the last two path components, not the absolute path, so the split
-    # does not change when the dataset is moved or mounted elsewhere, and a file keeps its rank
-    # when new files are added to its class.
-    tail = "/".join(os.path.normpath(path).split(os.sep)[-2:])
-    return hashlib.blake2b(f"{seed}|{label}|{tail}".encode(), digest_size=8).digest()
-
-
-def seeded_split(
-    samples: Sequence[tuple[str, int]], val_fraction: float, seed: int
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Deterministic, per-class stratified train/val split of a generic folder.
-
-    Within each class, files are ranked by a seeded hash of their name and the first
-    ``round(val_fraction * n)`` go to val (at least one when the class has two or more files and
-    ``val_fraction > 0``; never all of them). Hash ranks do not depend on the other files, so
-    adding data later moves at most a few boundary files instead of reshuffling the split.
-    Both outputs keep the input order.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    by_class: dict[int, list[int]] = {}
-    for i, (_, label) in enumerate(samples):
-        by_class.setdefault(label, []).append(i)
-    val_idx: set[int] = set()
-    for label, idx in by_class.items():
-        n = len(idx)
-        n_val = int(round(val_fraction * n))
-        if val_fraction > 0 and n >= 2:
-            n_val = max(n_val, 1)
-        n_val = min(n_val, n - 1)
-        ranked = sorted(idx, key=lambda i: (_split_key(seed, samples[i][0], label), samples[i][0]))
-        val_idx.update(ranked[:n_val])
-    train = [s for i, s in enumerate(samples) if i not in val_idx]
-    val = [s for i, s in enumerate(samples) if i in val_idx]
-    return train, val
-
-
-def _check_header(path: str) -> Optional[str]:
-    """Why ``path`` is unusable (cheap checks only), or None if it looks like an image."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    if not head:
-        return "zero-byte file"
-    if _signature(head) is None:
-        return "not an image (unrecognised file signature)"
-    return None
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            tail = message.rsplit(f"{type(self).__name__}: ", 1)[-1]
+            message = tail.strip().splitlines()[0] if tail.strip() else message
+        super().__init__(message)
 
 
 class ImageFolderDataset(Dataset):
@@ -226,7 +132,9 @@ class ImageFolderDataset(Dataset):
     ``samples``/``classes`` usually come from :func:`scan_image_folder` (and
     :func:`seeded_split`). ``name`` labels the split in messages. ``max_bad_fraction`` bounds the
     bad files tolerated in the split (checked up front and again as corrupt files turn up).
-    ``verify=False`` skips the up-front header check (then every bad file is found lazily).
+    ``verify=False`` skips the up-front header check (then every bad file is found lazily);
+    ``known_bad`` (path -> why, e.g. ``FolderIndex.bad``) gives its results from an earlier check
+    instead, so that no file is opened here. Too many bad files raise :class:`TooManyBadFiles`.
     """
 
     def __init__(
@@ -238,6 +146,7 @@ class ImageFolderDataset(Dataset):
         name: str = "train",
         verify: bool = True,
         verify_threads: int = 16,
+        known_bad: Optional[Mapping[str, str]] = None,
     ):
         if not samples:
             raise ValueError(f"{name} split is empty: no image files to load")
@@ -246,29 +155,32 @@ class ImageFolderDataset(Dataset):
         self.max_bad_fraction = float(max_bad_fraction)
         self.name = name
         self.num_scanned = len(samples)
-        self.bad_files: list[tuple[str, str]] = []  # (path, reason), up front + lazily found
         self._lazy_bad: set[str] = set()
-        if verify:
-            paths = [p for p, _ in samples]
+        paths = [p for p, _ in samples]
+        reasons: list[Optional[str]] = [None] * len(paths)
+        if known_bad is not None:
+            reasons = [known_bad.get(p) for p in paths]
+        elif verify:
             with ThreadPoolExecutor(max_workers=max(1, verify_threads)) as pool:
-                reasons = list(pool.map(_check_header, paths))
-            self.samples = [s for s, r in zip(samples, reasons) if r is None]
-            self.bad_files = [(p, r) for p, r in zip(paths, reasons) if r is not None]
-        else:
-            self.samples = list(samples)
+                reasons = list(pool.map(check_header, paths))
+        self.samples = [s for s, r in zip(samples, reasons) if r is None]
+        # (path, reason): the up-front ones, then the corrupt ones met while loading.
+        self.bad_files: list[tuple[str, str]] = [(p, r) for p, r in zip(paths, reasons) if r is not None]
         if self.bad_files:
             for path, reason in self.bad_files:
-                log.warning("%s split: skipping bad image file %s (%s)", name, path, reason)
+                log.warning("%s split: skipping bad image file %s (%s)", name, printable(path), reason)
             warnings.warn(
-                _summary(
+                summary(
                     f"{name} split: skipped {len(self.bad_files)} of {self.num_scanned} files "
                     "as bad images",
-                    [f"{p} ({r})" for p, r in self.bad_files],
+                    [f"{printable(p)} ({r})" for p, r in self.bad_files],
                 )
             )
         self._check_fraction()
         if not self.samples:
-            raise ValueError(f"{name} split: every one of its {self.num_scanned} files is bad")
+            raise TooManyBadFiles(
+                f"{name} split: every one of its {self.num_scanned} files is a bad image; fix or replace them"
+            )
 
     @property
     def num_bad(self) -> int:
@@ -282,12 +194,12 @@ class ImageFolderDataset(Dataset):
     def _check_fraction(self) -> None:
         frac = len(self.bad_files) / self.num_scanned
         if frac > self.max_bad_fraction:
-            examples = "\n  ".join(f"{p} ({r})" for p, r in self.bad_files[:5])
-            raise ValueError(
-                f"{self.name} split: {len(self.bad_files)} of {self.num_scanned} files "
-                f"({frac:.2%}) are bad images, more than max_bad_fraction="
-                f"{self.max_bad_fraction:.2%}. First ones:\n  {examples}\n"
-                "Fix or delete these files, or raise max_bad_fraction if that many is expected."
+            first = "; ".join(f"{printable(p)} ({r})" for p, r in self.bad_files[:3])
+            raise TooManyBadFiles(
+                f"{self.name} split: {len(self.bad_files)} of {self.num_scanned} files ({frac:.2%}) are bad images, "
+                f"more than data.max_bad_fraction={self.max_bad_fraction:g} ({self.max_bad_fraction:.2%}) allows; "
+                f"first: {first}; fix or delete these files (every one is named in the log), or raise "
+                "data.max_bad_fraction if that many is expected"
             )
 
     def __len__(self) -> int:
@@ -300,7 +212,7 @@ class ImageFolderDataset(Dataset):
         text = re.sub(r"^[\w()]+, \S+:\d+, ", "", text)
         reason = f"undecodable: {text}"
         self.bad_files.append((path, reason))
-        msg = f"{self.name} split: skipping corrupt image file {path} ({reason}); " \
+        msg = f"{self.name} split: skipping corrupt image file {printable(path)} ({reason}); " \
               f"{len(self.bad_files)} bad file(s) so far"
         log.warning(msg)
         warnings.warn(msg)
@@ -322,4 +234,4 @@ class ImageFolderDataset(Dataset):
             if self.transform is not None:
                 img = self.transform(img)
             return img, label
-        raise RuntimeError(f"{self.name} split: no decodable image left among {n} files")
+        raise TooManyBadFiles(f"{self.name} split: no decodable image left among its {n} files; fix or replace them")
