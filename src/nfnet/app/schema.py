@@ -87,6 +87,12 @@ class DataConfig:
     val_fraction: Real = setting(0.1, Number(0, 1, low_open=True, high_open=True))
     split_seed: int = setting(0, Integer(0))
     max_bad_fraction: Real = setting(0.01, Number(0, 1))
+    # Symbolic links in the tree are followed, never into a folder already scanned (no loops);
+    # false skips every link.
+    follow_links: bool = setting(True, Flag())
+    # Where a folder's index (its scan and header checks, built once) goes when the folder itself
+    # cannot be written; null: ~/.cache/nfnet-lightning/folder-index.
+    index_dir: Optional[str] = setting(None, Text("(~/.cache/nfnet-lightning/folder-index)", "a folder"))
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 

@@ -52,10 +52,13 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.classes: list[str] | None = None
         self.train_set = self.val_set = None
+        # The folder indexes' keys, from prepare_data on the process that built them.
+        self.index_keys: dict[str, str] | None = None
 
     def prepare_data(self) -> None:
-        # Runs once per node before setup: the only place that writes to disk.
-        sources.prepare(self.hparams.data)
+        # Runs once per node before setup: the only place that writes to disk (the embedded
+        # dataset, the folder indexes).
+        self.index_keys = sources.prepare(self.hparams.data)
 
     @property
     def num_classes(self) -> int:
@@ -66,14 +69,19 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        data = self.hparams.data
-        self.classes, train, val = sources.split_samples(data)
+        data, keys = self.hparams.data, self.index_keys
+        if self.trainer is not None:
+            # Every rank reads the indexes global rank 0 prepared, by key: no rank walks the tree.
+            keys = self.trainer.strategy.broadcast(keys)
+        found = sources.splits(data, keys)
+        self.classes = found.classes
         self.train_set = ImageFolderDataset(
-            train, self.classes, self._train_transform(), max_bad_fraction=data["max_bad_fraction"], name="train"
+            found.train, self.classes, self._train_transform(), max_bad_fraction=data["max_bad_fraction"],
+            name="train", known_bad=found.bad,
         )
         self.val_set = ImageFolderDataset(
-            val, self.classes, ResizeCropEval(data["test_size"], pad=data["eval_pad"]),
-            max_bad_fraction=data["max_bad_fraction"], name="val",
+            found.val, self.classes, ResizeCropEval(data["test_size"], pad=data["eval_pad"]),
+            max_bad_fraction=data["max_bad_fraction"], name="val", known_bad=found.bad,
         )
 
     # ----------------------------------------------------------------- transforms

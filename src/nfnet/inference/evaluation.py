@@ -18,11 +18,9 @@ def eval_dataset(classifier: Classifier, data: Mapping[str, Any], split: str) ->
     """`split` ("val" or "train") of the source `data` describes (a data config section:
     source, root, val_fraction, split_seed, max_bad_fraction, shapes), whose classes must be the
     weights' classes (in the same order, for a checkpoint)."""
-    sources.prepare(data)
-    if split == "val":
-        classes, samples = sources.val_classes_and_samples(data)
-    else:
-        classes, samples, _ = sources.split_samples(data)
+    sources.generate(data)
+    found = sources.val_split(data) if split == "val" else sources.splits(data)
+    classes, samples = found.classes, found.val if split == "val" else found.train
     if len(classes) != len(classifier.class_names) or (
         classifier.weights != "pretrained" and list(classes) != classifier.class_names
     ):
@@ -31,4 +29,5 @@ def eval_dataset(classifier: Classifier, data: Mapping[str, Any], split: str) ->
             f"weights were trained on {len(classifier.class_names)} ({', '.join(classifier.class_names[:3])}, ...)"
         )
     transform = ResizeCropEval(classifier.image_size, pad=classifier.eval_pad)
-    return ImageFolderDataset(samples, classes, transform, max_bad_fraction=data["max_bad_fraction"], name=split)
+    return ImageFolderDataset(samples, classes, transform, max_bad_fraction=data["max_bad_fraction"], name=split,
+                              known_bad=found.bad)
