@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.io import encode_jpeg, encode_png
 
 from nfnet.data.folder import decode_rgb
-from nfnet.data.headers import image_header, jpeg_header, png_header
+from nfnet.data.headers import ends_complete, image_header, jpeg_header, png_header
 
 
 def _random(channels, height, width, seed=0):
@@ -86,3 +86,13 @@ def test_what_is_not_a_readable_header():
     ]
     for data in not_headers:
         assert image_header(data) is None, data[:32]
+
+
+def test_a_truncated_stream_does_not_end_complete():
+    jpeg = encode_jpeg(_random(3, 9, 11)).numpy().tobytes()
+    png = encode_png(_random(3, 9, 11)).numpy().tobytes()
+    assert ends_complete(jpeg, "jpeg") and ends_complete(png, "png")
+    for cut in (1, 10, len(jpeg) // 2):
+        assert not ends_complete(jpeg[:-cut], "jpeg")
+    assert not ends_complete(png[:-13], "png") and not ends_complete(png[:-1], "png")
+    assert not ends_complete(jpeg + b"junk", "jpeg")

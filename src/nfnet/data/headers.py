@@ -101,3 +101,14 @@ def image_header(data: bytes | bytearray | memoryview) -> Optional[ImageHeader]:
     if data[:2] == b"\xff\xd8":
         return jpeg_header(data)
     return png_header(data)
+
+
+def ends_complete(data: bytes | bytearray | memoryview, format: str) -> bool:
+    """Whether a ``format`` stream ends with its end marker (JPEG EOI, PNG's IEND chunk). A
+    truncated file, the commonest corruption, does not; torchvision's CPU decoder rejects a
+    truncated JPEG (libjpeg's "premature end"), so a worker that ships bytes without decoding
+    checks this to find the files the CPU pipeline would skip. (A file with bytes after its end
+    marker fails the check too, and is merely decoded on the CPU.)"""
+    if format == "jpeg":
+        return bytes(data[-2:]) == b"\xff\xd9"
+    return bytes(data[-8:-4]) == b"IEND"
