@@ -215,7 +215,7 @@ def test_crop_resize_is_resize_bicubic_of_each_box(flip):
                                                         (0, 9, 21, 13), (7, 0, 90, 30), (2, 3, 1, 4)]  # fmt: skip
     crops = torch.tensor(boxes)
     flips = torch.tensor([flip ^ (i % 3 == 0) for i in range(9)])
-    out = crop_resize(images, crops, flips, BicubicTapTable(SIZE), group=4)
+    out = crop_resize(images, crops, flips, BicubicTapTable(SIZE), columns=100)  # several groups
     assert out.dtype == torch.float32 and out.shape == (9, 3, SIZE, SIZE)
     for image, box, f, resized in zip(images, boxes, flips.tolist(), out):
         expect = resize_bicubic(image, (SIZE, SIZE), box=box, dtype=torch.float32, flip=f)

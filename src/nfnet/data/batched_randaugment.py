@@ -4,7 +4,9 @@ ops, signs and Cutout centres (drawn in the loader workers, nfnet.data.plans).
 For each layer the images are grouped by (op, sign) on the host, from the CPU plan tensors, so
 no device value is ever read back; each group is gathered (``index_select``), transformed by
 the op's batched form and scattered back (``index_copy_``). Ops that are the identity at this
-magnitude (Color, Contrast, Brightness, Sharpness at M = 5, factor 1.0) are skipped.
+magnitude (Color, Contrast, Brightness, Sharpness at M = 5, factor 1.0) are skipped. No op
+reads a device value back or copies a tensor from the host (either would make the host wait
+for the device), so the host keeps queuing work while the device runs.
 
 Exactness against the per-image ops of nfnet.data.randaugment (tests/test_batched_randaugment.py):
 

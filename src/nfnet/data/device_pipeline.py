@@ -128,14 +128,14 @@ def _fma32(x: torch.Tensor, weight: torch.Tensor, acc: Optional[torch.Tensor]) -
     return (product if acc is None else product + acc.to(torch.float64)).to(torch.float32)
 
 
-def _resize_group(crops: torch.Tensor, flip: torch.Tensor, rows, columns) -> torch.Tensor:
+def _resize_group(crops: torch.Tensor, flip: torch.Tensor, row_taps, column_taps) -> torch.Tensor:
     """uint8 crops (N, C, H, W), top-left aligned in a padded buffer, -> float32 (N, C, S, S).
 
     Each output is its 4 taps' fused multiply-adds in ascending source order, height pass then
     width pass, as sgemm accumulates the loader's banded matrices (zeros add nothing)."""
     n, c, h, w = crops.shape
-    iy, wy = rows
-    ix, wx = columns
+    iy, wy = row_taps
+    ix, wx = column_taps
     s = iy.shape[1]
     mirror = flip.view(n, 1, 1)
     ix, wx = torch.where(mirror, ix.flip(1), ix), torch.where(mirror, wx.flip(1), wx)
@@ -152,12 +152,23 @@ def _resize_group(crops: torch.Tensor, flip: torch.Tensor, rows, columns) -> tor
     return out
 
 
+def _groups(widths: list[int], columns: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of ascending ``widths`` whose count times their largest width stays
+    within ``columns`` (a single image may exceed it)."""
+    groups, start = [], 0
+    for end in range(1, len(widths) + 1):
+        if end - start > 1 and (end - start) * widths[end - 1] > columns:
+            groups.append((start, end - 1))
+            start = end - 1
+    return groups + [(start, len(widths))]
+
+
 def crop_resize(
     images: Sequence[torch.Tensor],
     crops: torch.Tensor,
     flips: torch.Tensor,
     taps: BicubicTapTable,
-    group: int = 64,
+    columns: int = 65536,
 ) -> torch.Tensor:
     """uint8 images (C, h_i, w_i) on one device -> float32 (N, C, S, S) (S = ``taps.out_size``):
     ``resize_bicubic(img, (S, S), box=crops[i], dtype=torch.float32, flip=flips[i])`` for each.
@@ -165,20 +176,22 @@ def crop_resize(
     Bit-exact with ``resize_bicubic`` where sgemm accumulates each output's taps in order with
     fused multiply-adds (MKL on x86-64 does, except for crops of at most 4 pixels on a side,
     which its small-matrix kernel sums in another order; tests/test_device_pipeline.py checks
-    both), else within float32 rounding. Images are resized ``group`` at a time in order of crop width,
-    each group's crops copied into one buffer padded to its largest crop, which bounds the
-    float64 temporaries (about 3 * S * width * 8 bytes per image)."""
+    both), else within float32 rounding.
+
+    Images go in groups by crop width, each group's crops copied into one buffer padded to its
+    widest; a group holds at most ``columns`` padded crop columns (128 ImageNet-sized crops at
+    the default), which bounds the height pass's float64 temporaries to ``C * S * columns * 8``
+    bytes (300 MB at S = 192) and keeps one huge photo from padding a whole batch."""
     device = images[0].device
-    s = taps.out_size
-    out = torch.empty(len(images), images[0].shape[0], s, s, dtype=torch.float32, device=device)
+    channels, s = images[0].shape[0], taps.out_size
+    out = torch.empty(len(images), channels, s, s, dtype=torch.float32, device=device)
     order = torch.argsort(crops[:, 3], stable=True)
-    for start in range(0, len(images), group):
-        members = order[start : start + group]
+    for start, end in _groups(crops[order, 3].tolist(), columns):
+        members = order[start:end]
         boxes = crops[members]
         buffer = torch.empty(
-            len(members), images[0].shape[0], int(boxes[:, 2].max()), int(boxes[:, 3].max()),
-            dtype=torch.uint8, device=device,
-        )  # fmt: skip
+            end - start, channels, int(boxes[:, 2].max()), int(boxes[:, 3].max()), dtype=torch.uint8, device=device
+        )
         for slot, (i, (top, left, h, w)) in enumerate(zip(members.tolist(), boxes.tolist())):
             buffer[slot, :, :h, :w].copy_(images[i][:, top : top + h, left : left + w])
         flip = flips[members].to(device, non_blocking=True)
@@ -198,15 +211,15 @@ class DeviceAugment:
     mixing) on ``device``, ready for normalisation. ``size`` and ``randaugment`` must be those
     the workers' :class:`~nfnet.data.plans.PlanCollate` drew for."""
 
-    def __init__(self, size: int, randaugment: Optional[RandAugment] = None, group: int = 64):
+    def __init__(self, size: int, randaugment: Optional[RandAugment] = None, columns: int = 65536):
         self.size = int(size)
         self.randaugment = randaugment
-        self.group = int(group)
+        self.columns = int(columns)  # see crop_resize
         self.taps = BicubicTapTable(self.size)
 
     def __call__(self, batch: EncodedBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
-        resized = crop_resize(decode_images(batch, device), batch.crops, batch.flips, self.taps, self.group)
+        resized = crop_resize(decode_images(batch, device), batch.crops, batch.flips, self.taps, self.columns)
         mixed = apply_mixing(resized, batch.mixing_draws(self.size)) if batch.mixed else resized
         images = truncate_to_uint8(mixed)
         if self.randaugment is not None:

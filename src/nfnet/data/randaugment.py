@@ -240,7 +240,8 @@ def contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
     # Quirk: the official "mean" is sum(histogram) / 256, i.e. the number of pixels / 256.
     h, w = img.shape[-2:]
     mean = int(min(h * w / 256.0, 255.0))
-    return blend(torch.tensor(mean, dtype=torch.uint8, device=img.device), img, factor)
+    # Filled on the image's device: a tensor copied from the host would make a CUDA stream wait.
+    return blend(torch.full((), mean, dtype=torch.uint8, device=img.device), img, factor)
 
 
 def _enhance(op: Callable[[torch.Tensor, float], torch.Tensor]):
