@@ -123,9 +123,11 @@ class BicubicTapTable:
 
 def _fma32(x: torch.Tensor, weight: torch.Tensor, acc: Optional[torch.Tensor]) -> torch.Tensor:
     """float32 ``fma(weight, x, acc)``: the product of two float32 (or a byte and a float32) is
-    exact in float64, so one float64 add and one rounding to float32 is a fused multiply-add."""
-    product = x.to(torch.float64) * weight
-    return (product if acc is None else product + acc.to(torch.float64)).to(torch.float32)
+    exact in float64, so one float64 add and one rounding to float32 is a fused multiply-add
+    (up to a double rounding, about once in 2^29 operations)."""
+    if acc is None:
+        return (x.to(torch.float64) * weight).to(torch.float32)
+    return torch.addcmul(acc.to(torch.float64), x.to(torch.float64), weight).to(torch.float32)
 
 
 def _resize_group(crops: torch.Tensor, flip: torch.Tensor, row_taps, column_taps) -> torch.Tensor:
