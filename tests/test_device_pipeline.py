@@ -35,7 +35,7 @@ def photo(h, w, seed):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> list[tuple[str, int]]:
-    """20 JPEGs of varied sizes (one grey), a PNG and a CMYK JPEG."""
+    """20 baseline JPEGs of varied sizes (one grey), a PNG, a CMYK and a progressive JPEG."""
     root = tmp_path_factory.mktemp("encoded")
     samples = []
     for i in range(20):
@@ -49,7 +49,9 @@ def folder(tmp_path_factory) -> list[tuple[str, int]]:
     png.write_bytes(encode_png(photo(50, 70, seed=20)).numpy().tobytes())
     cmyk = root / "21.jpg"
     Image.fromarray(photo(61, 45, seed=21).permute(1, 2, 0).numpy()).convert("CMYK").save(cmyk, "JPEG")
-    return samples + [(str(png), 0), (str(cmyk), 1)]
+    progressive = root / "22.jpg"
+    Image.fromarray(photo(47, 66, seed=22).permute(1, 2, 0).numpy()).save(progressive, "JPEG", progressive=True)
+    return samples + [(str(png), 0), (str(cmyk), 1), (str(progressive), 2)]
 
 
 def pipelines(samples, level, mixup=True, cutmix=True, encoded_formats=("jpeg",)):
@@ -141,13 +143,30 @@ def test_a_batchs_plans_are_a_function_of_its_keys(folder):
     assert not torch.equal(first.crops, other.crops) and not torch.equal(first.ra_ops, other.ra_ops)
 
 
+def test_a_batch_crosses_loader_worker_processes_unchanged(folder):
+    """What a worker returns (a dataclass of tensors: one shared-memory block each) arrives as
+    it left, and a loader with workers gives the batches of one without."""
+    from torch.utils.data import DataLoader
+
+    _, _, encoded, plan_collate, _ = pipelines(folder, 405)
+    batches = []
+    for workers in (0, 2):
+        sampler = ResumableSampler(len(folder), 4, seed=9, reads_per_example=2)
+        loader = DataLoader(encoded, batch_size=8, sampler=sampler, num_workers=workers, collate_fn=plan_collate)
+        batches.append(list(loader)[:2])
+    for in_process, from_worker in zip(*batches):
+        assert type(from_worker) is type(in_process)
+        for name, value in vars(in_process).items():
+            assert torch.equal(getattr(from_worker, name), value), name
+
+
 def test_what_travels_encoded_and_what_is_decoded_in_the_worker(folder):
     dataset = EncodedImageDataset(folder, CLASSES, SIZE, encoded_formats=("jpeg",))
     kinds = [dataset[i][0].kind for i in range(len(folder))]
-    assert kinds == [JPEG] * 20 + [PIXELS, PIXELS]  # the PNG and the CMYK JPEG are decoded here
+    assert kinds == [JPEG] * 20 + [PIXELS] * 3  # the PNG, the CMYK and the progressive JPEG: decoded here
     with_png = EncodedImageDataset(folder, CLASSES, SIZE, encoded_formats=("jpeg", "png"))
     assert with_png[20][0].kind == PNG
-    for i in (0, 7, 20, 21):
+    for i in (0, 7, 20, 21, 22):
         image, label = dataset[i]
         assert label == folder[i][1] and image.index == i
         decoded = load_rgb(folder[i][0])
@@ -190,8 +209,8 @@ def test_decoding_on_the_host_is_the_loaders_decoder(folder, tmp_path):
     samples = folder + [(str(unreadable), 2)]
     dataset = EncodedImageDataset(samples, CLASSES, SIZE, encoded_formats=("jpeg", "png"))
     collate = PlanCollate(4, SIZE, mixup=False, cutmix=False)
-    plan = collate([dataset[i] for i in (0, 7, 20, 21)])
-    for image, i in zip(decode_images(plan, "cpu"), (0, 7, 20, 21)):
+    plan = collate([dataset[i] for i in (0, 7, 20, 21, 22)])
+    for image, i in zip(decode_images(plan, "cpu"), (0, 7, 20, 21, 22)):
         assert torch.equal(image, load_rgb(folder[i][0]))
     plan = collate([dataset[len(samples) - 1], dataset[0]])
     assert plan.kinds[0] == JPEG  # shipped encoded: its header and end marker are whole

@@ -7,9 +7,10 @@ device. Stage by stage, against the CPU pipeline (OfficialCollate over
 ``InceptionCrop(dtype=torch.float32)``) on the same seeds:
 
 * decode: on CUDA, JPEGs go through nvjpeg, batched (``torchvision.io.decode_jpeg`` with a
-  list); its IDCT and chroma upsampling are not libjpeg's, so pixels differ by a few levels
-  (measured by ``benchmarks/data.py --device cuda``). Everything else, and every image on a CPU
-  device, is decoded by the loader's own decoder: the same pixels.
+  list); its IDCT and chroma upsampling are not libjpeg's, so its pixels differ from the CPU
+  pipeline's (by how much, ``benchmarks/data.py --device cuda`` prints; not yet measured).
+  Everything else, and every image on a CPU device, is decoded by the loader's own decoder:
+  the same pixels.
 * crop + TF bicubic resize, float: :func:`crop_resize`, the same float32 values as
   ``resize_bicubic`` (see there);
 * MixUp/CutMix in float32, clip and truncate: the same operations as the loader's
@@ -226,6 +227,12 @@ class DeviceAugment:
 
     def __call__(self, batch: EncodedBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
+        layers = self.randaugment.num_layers if self.randaugment is not None else 0
+        if batch.ra_ops.shape[1] != layers:
+            raise ValueError(
+                f"the batch was drawn for {batch.ra_ops.shape[1]} RandAugment layers, this stage applies "
+                f"{layers}: build PlanCollate and DeviceAugment from the same RandAugment settings"
+            )
         resized = crop_resize(decode_images(batch, device), batch.crops, batch.flips, self.taps, self.columns)
         mixed = apply_mixing(resized, batch.mixing_draws(self.size)) if batch.mixed else resized
         images = truncate_to_uint8(mixed)

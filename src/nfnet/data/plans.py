@@ -17,9 +17,9 @@ under the same per-sample seed (SeededDataset) and per-batch seed (SeededCollate
 are exactly the parameters the CPU transforms use, so resuming stays bit-exact and the two
 pipelines train on the same augmentations.
 
-A JPEG whose header shows something the device decoder may not handle (CMYK, arithmetic
-coding, 12 bits) or whose stream is truncated, and any other format, are decoded here on the
-CPU as before and travel as RGB pixels (:data:`PIXELS`); PNG travels encoded when
+A JPEG that is not a baseline grey or colour stream (progressive, CMYK, arithmetic-coded...,
+see :func:`device_decodable`) or whose stream is truncated, and any other format, are decoded
+here on the CPU as before and travel as RGB pixels (:data:`PIXELS`); PNG travels encoded when
 ``encoded_formats`` includes it (the device stage then decodes it on the host: torchvision has
 no GPU PNG decoder).
 """
@@ -40,7 +40,6 @@ from nfnet.data.transforms import InceptionCrop
 # What a raw image's payload holds.
 JPEG, PNG, PIXELS = 0, 1, 2
 _KINDS = {"jpeg": JPEG, "png": PNG}
-_NVJPEG_PROCESSES = ("baseline", "extended", "progressive")
 
 
 class EncodedImage(NamedTuple):
@@ -60,12 +59,14 @@ class EncodedImage(NamedTuple):
 
 def device_decodable(header: Optional[ImageHeader], encoded_formats: Sequence[str]) -> bool:
     """Whether a file with this header travels encoded: a format in ``encoded_formats``, and
-    for JPEG the 8-bit Huffman-coded grey or colour streams that nvjpeg and libjpeg both read
-    (CMYK has its own conversion in torchvision's CPU decoder)."""
+    for JPEG a baseline grey or colour stream. Those are what nvjpeg decodes in its batched
+    hardware path; it decodes progressive streams too, but one at a time with the Huffman
+    decoding on the host, which would be the training process here: the workers decode those,
+    in parallel. CMYK has its own colour conversion in torchvision's CPU decoder."""
     if header is None or header.format not in encoded_formats:
         return False
     if header.format == "jpeg":
-        return header.bits == 8 and header.channels in (1, 3) and header.process in _NVJPEG_PROCESSES
+        return header.process == "baseline" and header.bits == 8 and header.channels in (1, 3)
     return True
 
 
