@@ -10,8 +10,9 @@ from nfnet.data.batched_randaugment import randaugment_batch, sharpness_batch
 from nfnet.data.randaugment import OP_NAMES, RandAugment
 
 U8 = torch.uint8
-# Ops whose float32 multiply-add may be fused on CUDA (see nfnet.data.batched_randaugment).
-WITHIN_ONE_LEVEL_ON_CUDA = {"Color", "Sharpness"}
+# Ops whose float32 multiply-adds may be fused on CUDA: their bound per magnitude, in grey
+# levels (see nfnet.data.batched_randaugment); every other op is bit-exact there.
+CUDA_BOUND = {"Color": {10: 1, 15: 2}, "Sharpness": {10: 1, 15: 1}}
 
 
 def images(n, h=20, w=17, seed=0):
@@ -122,4 +123,4 @@ def test_each_op_on_cuda_against_the_cpu(name):
         on_cpu = randaugment_batch(x, ops, negate, centres, ra)
         on_cuda = randaugment_batch(x.cuda(), ops, negate, centres, ra).cpu()
         difference = (on_cuda.int() - on_cpu.int()).abs().max().item()
-        assert difference <= (1 if name in WITHIN_ONE_LEVEL_ON_CUDA else 0), (name, magnitude, difference)
+        assert difference <= CUDA_BOUND.get(name, {}).get(magnitude, 0), (name, magnitude, difference)

@@ -15,9 +15,13 @@ Exactness against the per-image ops of nfnet.data.randaugment (tests/test_batche
   equals), Rotate, ShearX, ShearY (the same cached index maps, gathered), TranslateX/Y
   (slicing), Cutout (a mask of the same box), AutoContrast, Contrast, Brightness (the same
   float32 operations, one kernel each, nothing fused);
-* Color and Sharpness: bit-exact on the CPU; on CUDA within one grey level, because their last
-  step is torchvision's ``add_(..., alpha=...)``, a multiply-add that a CUDA kernel may fuse
-  into one FMA where the CPU kernel rounds twice (or the other way round).
+* Color and Sharpness: bit-exact on the CPU; on CUDA most likely bit-exact too, but not
+  guaranteed: they use torchvision's ``add_(..., alpha=...)``, a multiply-add that a CUDA
+  kernel may fuse into one FMA where the CPU kernel rounds twice (or the other way round).
+  Sharpness's final blend then differs by at most one level; Color also floors a grey value
+  made that way, and where that grey lands on the other side of an integer (a value within
+  float32 rounding of one) the blend moves it by ``|1 - factor|``: at most one level for
+  M <= 10, two at M = 15 (factor 2.8).
 
 Sharpness is written out here, not taken from torchvision: torchvision blurs with a float32
 convolution, which cuDNN runs in TF32 by default (``torch.backends.cudnn.allow_tf32``), and
