@@ -15,7 +15,8 @@ device. Stage by stage, against the CPU pipeline (OfficialCollate over
   ``resize_bicubic`` (see there);
 * MixUp/CutMix in float32, clip and truncate: the same operations as the loader's
   ``mix_to_uint8``, bit for bit on any device;
-* RandAugment: nfnet.data.batched_randaugment, bit-exact or within one level per op.
+* RandAugment: nfnet.data.batched_randaugment, bit-exact on the CPU and, on CUDA, for every
+  op but Color and Sharpness (bounds there).
 
 The soft targets are the workers' own (computed exactly as OfficialCollate computes them).
 """
