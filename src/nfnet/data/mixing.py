@@ -191,6 +191,14 @@ def mixup_cutmix(
         raise ValueError(f"mixup_cutmix needs one label per raw image; got {n} images and {labels.shape[0]} labels")
     h, w = images.shape[-2:]
     draws = draw_mixing(n, h, w, mixup_alpha, mixup, cutmix, generator)
+    return apply_mixing(images, draws), mixed_targets(labels.to(images.device), num_classes, draws)
+
+
+def apply_mixing(images: torch.Tensor, draws: MixingDraws) -> torch.Tensor:
+    """2B raw images (2B, C, H, W) on any device -> the B mixed images of ``draws`` (same
+    dtype; integer images are blended in float32 and truncated as :func:`mixup_cutmix` says).
+    Deterministic: the GPU input pipeline applies the draws its loader workers made."""
+    h, w = images.shape[-2:]
     dev = images.device
     m, c = draws.n_mix, draws.n_cut
     outs = []
@@ -199,7 +207,7 @@ def mixup_cutmix(
     if c:
         mask = cutmix_masks(draws.boxes.to(dev, non_blocking=True), h, w)
         outs.append(torch.where(mask, images[2 * m : 2 * m + c], images[2 * m + c : 2 * m + 2 * c]))
-    return torch.cat(outs), mixed_targets(labels.to(dev), num_classes, draws)
+    return torch.cat(outs)
 
 
 def mix_to_uint8(images: Sequence[torch.Tensor], draws: MixingDraws) -> torch.Tensor:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torchvision.transforms.v2 import InterpolationMode
@@ -240,7 +240,8 @@ def contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
     # Quirk: the official "mean" is sum(histogram) / 256, i.e. the number of pixels / 256.
     h, w = img.shape[-2:]
     mean = int(min(h * w / 256.0, 255.0))
-    return blend(torch.tensor(mean, dtype=torch.uint8, device=img.device), img, factor)
+    # Filled on the image's device: a tensor copied from the host would make a CUDA stream wait.
+    return blend(torch.full((), mean, dtype=torch.uint8, device=img.device), img, factor)
 
 
 def _enhance(op: Callable[[torch.Tensor, float], torch.Tensor]):
@@ -299,11 +300,19 @@ def translate(img: torch.Tensor, pixels: float, axis: str) -> torch.Tensor:
     return out
 
 
+def draw_cutout_centre(
+    height: int, width: int, generator: Optional[torch.Generator] = None
+) -> tuple[int, int]:
+    """Cutout's random centre (row, column), uniform over the pixels."""
+    cy = int(torch.randint(height, (), generator=generator))
+    cx = int(torch.randint(width, (), generator=generator))
+    return cy, cx
+
+
 def cutout(img: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None):
     """A (2*pad)^2 square of 128 centred on a uniform pixel, clipped at the borders."""
     h, w = img.shape[-2:]
-    cy = int(torch.randint(h, (), generator=generator))
-    cx = int(torch.randint(w, (), generator=generator))
+    cy, cx = draw_cutout_centre(h, w, generator)
     top, left = max(0, cy - pad), max(0, cx - pad)
     bottom, right = min(h, cy + pad), min(w, cx + pad)
     if bottom <= top or right <= left:
@@ -339,6 +348,16 @@ _OPS: dict[str, Callable[[torch.Tensor, "RandAugment", float], torch.Tensor]] = 
 assert tuple(_OPS) == OP_NAMES
 
 
+class RandAugmentDraws(NamedTuple):
+    """One image's RandAugment draws, per layer: the op (an index into :data:`OP_NAMES`),
+    whether its argument is negated, and the Cutout centre (row, column) where the op is
+    Cutout, else None."""
+
+    ops: list[int]
+    negate: list[bool]
+    cutout_centres: list[Optional[tuple[int, int]]]
+
+
 class RandAugment:
     """Official RandAugment: ``num_layers`` uniformly chosen ops, each always applied at
     magnitude ``magnitude``. ``__call__(uint8 (..., 3, H, W)) -> uint8`` of the same shape."""
@@ -361,13 +380,28 @@ class RandAugment:
         """Apply one named op at this magnitude (``sign`` used by Rotate/Shear/Translate)."""
         return _OPS[name](img, self, sign)
 
+    def _draw_layers(self) -> tuple[list[int], list[bool]]:
+        # All layer draws of an image at once: one op index and one sign per layer.
+        ops = torch.randint(len(OP_NAMES), (self.num_layers,), generator=self.generator)
+        negate = torch.rand(self.num_layers, generator=self.generator) < 0.5
+        return ops.tolist(), negate.tolist()
+
+    def draw(self, height: int, width: int) -> RandAugmentDraws:
+        """Every random parameter of one :meth:`__call__` on a ``height`` x ``width`` image,
+        drawn with the same calls in the same order (the layers' ops and signs, then each
+        Cutout layer's centre in layer order, which is when ``__call__`` draws it), so that the
+        GPU input pipeline can draw them in the loader workers and apply them on the device."""
+        ops, negate = self._draw_layers()
+        centres = [
+            draw_cutout_centre(height, width, self.generator) if OP_NAMES[op] == "Cutout" else None
+            for op in ops
+        ]
+        return RandAugmentDraws(ops, negate, centres)
+
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         if img.dtype != torch.uint8:
             raise TypeError(f"RandAugment expects a uint8 image, got {img.dtype}")
-        g = self.generator
-        # All draws for the image at once: one op index and one sign per layer.
-        ops = torch.randint(len(OP_NAMES), (self.num_layers,), generator=g).tolist()
-        negate = (torch.rand(self.num_layers, generator=g) < 0.5).tolist()
+        ops, negate = self._draw_layers()
         for op, neg in zip(ops, negate):
             img = _OPS[OP_NAMES[op]](img, self, -1.0 if neg else 1.0)
         return img

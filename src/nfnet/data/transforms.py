@@ -312,12 +312,18 @@ class InceptionCrop:
         self.flip = flip
         self.dtype = dtype
 
+    def draw(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The random parameters of one call on a ``height`` x ``width`` image: the crop box
+        (top, left, h, w) and whether to mirror, drawn from torch's global RNG exactly as
+        :meth:`__call__` draws them (the GPU input pipeline draws them in the loader workers
+        from the image header alone, nfnet.data.plans)."""
+        box = sample_inception_crop(height, width, self.size)
+        return box, self.flip and _rand(None) < 0.5
+
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        h, w = img.shape[-2:]
-        box = sample_inception_crop(h, w, self.size)
+        box, flip = self.draw(*img.shape[-2:])
         # The official code flips the crop before resizing; with half-pixel centres and a
         # symmetric kernel, mirroring the resize's output gives the same pixels, for free.
-        flip = self.flip and _rand(None) < 0.5
         return resize_bicubic(img, (self.size, self.size), box=box, dtype=self.dtype, flip=flip)
 
     def __repr__(self) -> str:
