@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .activations import GammaAct
 from .layers import WS_EPS, SqueezeExcite, StochasticDepth, WSConv2d, same_avg_pool
@@ -32,6 +33,9 @@ STEM_STRIDES = (2, 1, 1, 2)
 SE_GAIN = 2.0
 # §1.8: `fc` weight ~ Normal(0, 0.01) (haiku RandomNormal(stddev=0.01)), bias zeros.
 CLASSIFIER_INIT_STD = 0.01
+# Activation checkpointing of the trunk (not in the official code, NFNET_SPEC.md §5): off, per
+# stage, or per block (True means "block"). The stem is one more segment either way.
+GRAD_CHECKPOINTING = (False, "stage", "block")
 
 
 class Stem(nn.Module):
@@ -136,7 +140,7 @@ class NFNet(nn.Module):
                  stochdepth_rate: float = STOCHDEPTH_RATE, drop_rate: float | None = None,
                  activation: str = "gelu", gelu_approximate: str = "tanh",
                  final_conv_mult: float = FINAL_CONV_MULT, ws_eps: float = WS_EPS,
-                 ws_eps_mode: str = "max"):
+                 ws_eps_mode: str = "max", grad_checkpointing: bool | str = False):
         super().__init__()
         self.variant = variant
         act = partial(GammaAct, activation, gelu_approximate)
@@ -175,6 +179,7 @@ class NFNet(nn.Module):
         self.dropout = nn.Dropout(self.drop_rate)
         self.classifier = nn.Linear(self.num_features, num_classes)
         self.reset_classifier(num_classes)
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @property
     def num_classes(self) -> int:
@@ -188,9 +193,31 @@ class NFNet(nn.Module):
         nn.init.normal_(self.classifier.weight, std=CLASSIFIER_INIT_STD)
         nn.init.zeros_(self.classifier.bias)
 
+    def set_grad_checkpointing(self, mode: bool | str = True) -> None:
+        """Recompute the trunk's activations in backward instead of keeping them: per "block"
+        (True), per "stage", or not (False). Acts only while training with grad enabled.
+
+        Non-reentrant torch.utils.checkpoint with the RNG state preserved: the recomputed
+        forward draws the same stochastic-depth masks, and the RNG stream the rest of the step
+        sees is unchanged, so outputs, gradients and resumed runs equal those without it.
+        """
+        mode = "block" if mode is True else mode
+        if mode not in GRAD_CHECKPOINTING:
+            raise ValueError(f"grad_checkpointing={mode!r}; choose one of {GRAD_CHECKPOINTING} "
+                             "(True means 'block')")
+        self.grad_checkpointing = mode
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The activated final feature map, (B, num_features, H/32, W/32)."""
-        x = self.stages(self.stem(x))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.grad_checkpointing == "stage":
+                segments = [self.stem, *self.stages]
+            else:
+                segments = [self.stem, *(block for stage in self.stages for block in stage)]
+            for segment in segments:
+                x = checkpoint(segment, x, use_reentrant=False)
+        else:
+            x = self.stages(self.stem(x))
         return self.final_act(self.final_conv(x))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -205,6 +232,7 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> NFNet:
 
     `overrides` are NFNet's keyword arguments: width, se_ratio, alpha, stochdepth_rate,
     drop_rate (None: the variant's), activation (a key of `GAMMAS`), gelu_approximate ('tanh'
-    as the official model, 'none' for timm's exact GELU), final_conv_mult, ws_eps, ws_eps_mode.
+    as the official model, 'none' for timm's exact GELU), final_conv_mult, ws_eps, ws_eps_mode,
+    grad_checkpointing (False, 'stage' or 'block'; see `NFNet.set_grad_checkpointing`).
     """
     return NFNet(get_variant(name), num_classes, **overrides)

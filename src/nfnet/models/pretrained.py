@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -18,9 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .haiku import load_haiku_checkpoint
-from .matching import check_state_dict, describe, infer_variant, shape_mismatches
+from .matching import describe, infer_variant, shape_mismatches
 from .nfnet import NFNet
-from .variants import Variant, get_variant
+# Re-exported: the timm conversion lives in timm.py, next to the export the other way.
+from .timm import TIMM_NUMERICS, _timm_name, from_timm_state_dict  # noqa: F401
+from .variants import Variant
 
 __all__ = [
     "TIMM_NUMERICS", "from_timm_state_dict", "infer_variant", "load_haiku_checkpoint",
@@ -29,64 +30,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# create_model overrides under which this model computes what timm's dm_nfnet_* computes
-# (NFNET_SPEC.md §5): exact erf GELU instead of the tanh form, and timm's weight
-# standardisation (w - mean) * gain / sqrt((var + 1e-5) * fan_in) (timm `NfCfg.std_conv_eps`
-# 1e-5, added to var) instead of the official rsqrt(max(fan_in * var, 1e-4)).
-TIMM_NUMERICS = {"gelu_approximate": "none", "ws_eps": 1e-5, "ws_eps_mode": "add"}
-
-# timm dm_nfnet_* module names -> this model's (timm `models/nfnet.py`, NormFreeBlock).
-_TIMM_STEM = re.compile(r"^stem\.conv([1-4])\.(\w+)$")
-_TIMM_BLOCK = re.compile(r"^(stages\.\d+\.\d+)\.(?:(skipinit_gain)|(.+)\.(\w+))$")
-_TIMM_BLOCK_SUBMODULES = {
-    "conv1": "conv0", "conv2": "conv1", "conv2b": "conv1b", "conv3": "conv2",
-    "downsample.conv": "conv_shortcut", "attn_last.fc1": "se.fc0", "attn_last.fc2": "se.fc1",
-}
-_TIMM_TOP = {"final_conv": "final_conv", "head.fc": "classifier"}
 # torch.save's pre-1.6 (non-zip) files open with a pickled magic number (torch/serialization).
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _CLASSIFIER = ("classifier.weight", "classifier.bias")
-_NOT_DM = ("not a timm dm_nfnet_* state dict (timm's nfnet_* and eca_nfnet_* models have "
-           "another architecture)")
-
-
-def _timm_name(key: str) -> str:
-    if match := _TIMM_STEM.match(key):
-        return f"stem.conv{int(match[1]) - 1}.{match[2]}"
-    if match := _TIMM_BLOCK.match(key):
-        if match[2]:
-            return f"{match[1]}.skip_gain"
-        if match[3] in _TIMM_BLOCK_SUBMODULES:
-            return f"{match[1]}.{_TIMM_BLOCK_SUBMODULES[match[3]]}.{match[4]}"
-    module, _, param = key.rpartition(".")
-    if module in _TIMM_TOP:
-        return f"{_TIMM_TOP[module]}.{param}"
-    raise ValueError(f"unexpected key {key!r}: {_NOT_DM}")
-
-
-def from_timm_state_dict(state_dict: Mapping[str, torch.Tensor],
-                         variant: str | Variant | None = None) -> dict[str, torch.Tensor]:
-    """timm `dm_nfnet_f*` state dict -> a state dict for `create_model`.
-
-    timm stores conv gains as (O,1,1,1) and the SE linears as 1x1 convs; here the gains are
-    vectors (O,) and the SE linears nn.Linear. With `variant` every shape is checked.
-    Logits match timm's under the `TIMM_NUMERICS` overrides.
-    """
-    if not any(key.endswith(".skipinit_gain") for key in state_dict):
-        raise ValueError(f"no skipinit_gain parameters: {_NOT_DM}")
-    converted = {}
-    for key, value in state_dict.items():
-        name = _timm_name(key)
-        if name.endswith(".gain"):
-            value = value.reshape(-1)  # (O, 1, 1, 1) -> (O,)
-        elif ".se.fc" in name and name.endswith(".weight"):
-            value = value.flatten(1)  # 1x1 conv (O, I, 1, 1) -> nn.Linear (O, I)
-        converted[name] = value.detach().clone()
-    if isinstance(variant, str):
-        variant = get_variant(variant)
-    if variant is not None:
-        check_state_dict(converted, variant)
-    return converted
 
 
 def _is_timm(state_dict: Mapping[str, torch.Tensor]) -> bool:
