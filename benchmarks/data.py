@@ -54,7 +54,8 @@ from nfnet.data.device_pipeline import DeviceAugment, crop_resize, decode_images
 from nfnet.data.folder import load_rgb
 from nfnet.data.mixing import OfficialCollate, apply_mixing, truncate_to_uint8
 from nfnet.data.plans import EncodedImageDataset, PlanCollate
-from nfnet.data.randaugment import RandAugment, parse_ra_level
+from nfnet.data.randaugment import RandAugment
+from nfnet.data.randaugment_levels import parse_ra_level
 from nfnet.data.transforms import InceptionCrop
 
 STAGES = ("decode", "crop+resize", "mix", "RandAugment")

@@ -8,6 +8,7 @@ from torchvision.transforms.v2 import functional as F
 import nfnet.data.randaugment as ra_mod
 from nfnet.data.batched_randaugment import randaugment_batch, sharpness_batch
 from nfnet.data.randaugment import OP_NAMES, RandAugment
+from nfnet.data.randaugment_levels import parse_ra_level
 
 U8 = torch.uint8
 # Ops whose float32 multiply-adds may be fused on CUDA: their bound per magnitude, in grey
@@ -69,7 +70,7 @@ def test_each_op_batched_is_the_per_image_op_bit_for_bit(name, magnitude):
 
 @pytest.mark.parametrize("level", [405, 410, 415, 215])
 def test_mixed_ops_over_layers_are_the_per_image_ops(level):
-    layers, magnitude = ra_mod.parse_ra_level(level)
+    layers, magnitude = parse_ra_level(level)
     x = images(40, 24, 24, seed=level)
     ra = RandAugment(layers, magnitude)
     ops, negate, centres = random_plan(40, layers, 24, 24, seed=level)
@@ -81,7 +82,7 @@ def test_mixed_ops_over_layers_are_the_per_image_ops(level):
 def test_draws_applied_in_a_batch_equal_randaugment_call_under_the_same_seed():
     x = images(12, 16, 16, seed=3)
     for level in (405, 410, 415):
-        ra = RandAugment(*ra_mod.parse_ra_level(level))
+        ra = RandAugment(*parse_ra_level(level))
         for seed in range(4):
             torch.manual_seed(seed)
             expect = torch.stack([ra(img) for img in x])

@@ -15,7 +15,8 @@ from nfnet.data.device_pipeline import BicubicTapTable, DeviceAugment, crop_resi
 from nfnet.data.folder import ImageFolderDataset, load_rgb
 from nfnet.data.mixing import OfficialCollate
 from nfnet.data.plans import JPEG, PIXELS, PNG, EncodedImageDataset, PlanCollate
-from nfnet.data.randaugment import OP_NAMES, RandAugment, parse_ra_level
+from nfnet.data.randaugment import OP_NAMES, RandAugment
+from nfnet.data.randaugment_levels import parse_ra_level
 from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
 from nfnet.data.transforms import InceptionCrop, bicubic_taps, resize_bicubic
 

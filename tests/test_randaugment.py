@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import nfnet.data.randaugment as ra_mod
-from nfnet.data.randaugment import OP_NAMES, RandAugment, parse_ra_level
+from nfnet.data.randaugment import OP_NAMES, RandAugment
+from nfnet.data.randaugment_levels import parse_ra_level
 
 U8 = torch.uint8
 

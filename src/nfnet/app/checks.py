@@ -94,7 +94,7 @@ def unwritable_reason(path: str) -> str | None:
 
 
 def _check_ra_level(cfg: DictConfig) -> None:
-    from nfnet.data.randaugment import MAX_LEVEL, parse_ra_level
+    from nfnet.data.randaugment_levels import MAX_LEVEL, parse_ra_level
 
     if read(cfg, "augment.name") != "official":
         return

@@ -23,7 +23,8 @@ from nfnet.data import sources
 from nfnet.data.folder import ImageFolderDataset
 from nfnet.data.mixing import OfficialCollate
 from nfnet.data.options import AUGMENTS, SOURCES
-from nfnet.data.randaugment import RandAugment, parse_ra_level
+from nfnet.data.randaugment import RandAugment
+from nfnet.data.randaugment_levels import parse_ra_level
 from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
 from nfnet.data.transforms import BasicTrainTransform, InceptionCrop, ResizeCropEval
 

@@ -20,7 +20,7 @@ from .haiku import load_haiku_checkpoint
 from .matching import describe, infer_variant, shape_mismatches
 from .nfnet import NFNet
 # Re-exported: the timm conversion lives in timm.py, next to the export the other way.
-from .timm import TIMM_NUMERICS, _timm_name, from_timm_state_dict  # noqa: F401
+from .timm import TIMM_NUMERICS, from_timm_state_dict  # noqa: F401
 from .variants import Variant
 
 __all__ = [
