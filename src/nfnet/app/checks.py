@@ -45,6 +45,15 @@ def check_file(key: str, path, what: str) -> None:
     require(os.path.isfile(os.path.expanduser(str(path))), f"{key}={path!r} is not a file; {what}")
 
 
+def check_weights(key: str, path) -> None:
+    """A weights file, a timm Hub folder, or an `hf-hub:` id (read from the local cache)."""
+    path = str(path)
+    if path.startswith("hf-hub:") or os.path.isdir(os.path.expanduser(path)):
+        return
+    check_file(key, path, "give a DeepMind *_haiku.npz, a timm or safetensors weights file, a checkpoint "
+               "written by train.py, a timm Hub folder or hf-hub:<repo id>")
+
+
 # --------------------------------------------------------------------------- train.py
 def _check_data(cfg: DictConfig, this_machine: bool) -> None:
     source = read(cfg, "data.source")
@@ -118,8 +127,7 @@ def _check_ra_level(cfg: DictConfig) -> None:
 def _check_model(cfg: DictConfig, this_machine: bool) -> None:
     pretrained = read(cfg, "model.pretrained", None)
     if pretrained is not None and this_machine:
-        check_file("model.pretrained", pretrained, "give a DeepMind *_haiku.npz, a timm or safetensors weights "
-                   "file, or a checkpoint written by train.py")
+        check_weights("model.pretrained", pretrained)
 
 
 def _check_run(cfg: DictConfig, this_machine: bool) -> None:
@@ -172,9 +180,10 @@ def _check_weights_source(cfg: DictConfig, entry: str, this_machine: bool) -> No
         name = read(cfg, "model_name", None)
         require(name in VARIANTS, f"model_name={name!r} must name the variant of pretrained={pretrained!r}; "
                                    f"choose one of: {', '.join(VARIANTS)}")
-    key, path = ("ckpt_path", ckpt) if ckpt is not None else ("pretrained", pretrained)
-    if this_machine:
-        require(os.path.isfile(os.path.expanduser(str(path))), f"{key}={path!r} is not a file")
+    if this_machine and ckpt is not None:
+        require(os.path.isfile(os.path.expanduser(str(ckpt))), f"ckpt_path={ckpt!r} is not a file")
+    elif this_machine:
+        check_weights("pretrained", pretrained)
     size = read(cfg, "image_size", None)
     require(
         size is None or size % IMAGE_SIZE_STEP == 0,
@@ -226,12 +235,19 @@ def check_export_config(cfg: DictConfig, this_machine: bool = True) -> None:
     formats = export_formats(cfg)
     bad = [f for f in formats if f not in EXPORT_FORMATS]
     require(formats and not bad, f"formats={formats!r} may only hold: {', '.join(EXPORT_FORMATS)}")
-    if "onnx" in formats:
-        import importlib.util
+    import importlib.util
 
+    if "onnx" in formats:
         absent = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
         require(not absent, f"formats=onnx needs {', '.join(absent)}: pip install {' '.join(absent)} "
                              "(onnxruntime runs the check), or leave onnx out: formats=[torch]")
+    if "timm" in formats and read(cfg, "check"):
+        require(importlib.util.find_spec("timm") is not None,
+                "formats=timm is checked by loading the folder in timm: pip install -e '.[timm]', or check=false")
+    repo = read(cfg, "hub.repo_id", None)
+    require(repo is None or "timm" in formats, f"hub.repo_id={repo!r} uploads the timm folder: add timm to formats")
+    require(repo is None or (repo.count("/") == 1 and all(repo.split("/"))),
+            f"hub.repo_id={repo!r} is not a Hub repo id; write it as user/name")
 
 
 CHECKS = {"train": check_config, "eval": check_eval_config, "predict": check_predict_config, "export": check_export_config}

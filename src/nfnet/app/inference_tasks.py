@@ -38,6 +38,8 @@ def load_classifier(cfg: DictConfig) -> Classifier:
         return from_pretrained(str(cfg.pretrained), cfg.model_name, cfg.get("class_names"), cfg.image_size, cfg.eval_pad)
     except pickle.UnpicklingError as error:
         raise refused_file_error(key, cfg[key], error) from None
+    except (FileNotFoundError, ValueError) as error:  # a Hub id not in the cache, weights that do not fit
+        raise ConfigError(f"{key}={str(cfg[key])!r}: {error}") from None
 
 
 def _eval_data(cfg: DictConfig, classifier: Classifier) -> dict[str, Any]:
@@ -116,5 +118,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check_export_config(cfg)
     classifier = load_classifier(cfg)
     report = export_classifier(classifier, cfg.output_dir, export_formats(cfg), check=cfg.check, tolerance=cfg.tolerance)
+    if cfg.hub.repo_id:
+        from nfnet.models.timm_hub import push_timm_folder
+
+        try:
+            report["hub"] = push_timm_folder(report["files"]["timm"], cfg.hub.repo_id, private=cfg.hub.private)
+        except (PermissionError, ImportError) as error:  # no token, no huggingface_hub: one line
+            raise ConfigError(f"hub.repo_id={cfg.hub.repo_id!r}: {error}") from None
     print_table(f"export: {report['weights_file']}", {k: v for k, v in report.items() if k != "class_names"})
     return report

@@ -164,6 +164,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = build_module(cfg, datamodule.num_classes, datamodule.classes)
     except pickle.UnpicklingError as error:  # model.pretrained: the loaders refuse pickled code
         raise refused_file_error("model.pretrained", cfg.model.pretrained, error) from None
+    except (FileNotFoundError, ValueError) as error:  # a Hub id not in the cache, weights of another variant
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {error}") from None
     # EpochLength first, so that the progress bar reads each epoch's own length; StepSeed makes
     # dropout/stochastic-depth masks a function of (seed, epoch, batch): the same after a resume.
     callbacks = [EpochLength(), *_instantiate_all(cfg.get("callbacks")), StepSeed(cfg.seed)]

@@ -1,6 +1,8 @@
 """Weights of any kind this project reads, as a state dict of the plain NFNet: a train.py
-checkpoint (its EMA weights, else the raw ones), safetensors, timm `dm_nfnet_*` files, and
-DeepMind's Haiku pickles (nfnet.models.pretrained). No Lightning, no Hydra."""
+checkpoint (its EMA weights, else the raw ones), safetensors, timm `dm_nfnet_*` files, a folder
+in the Hugging Face Hub's timm layout or an `hf-hub:` id already in the local cache
+(nfnet.models.timm_hub), and DeepMind's Haiku pickles (nfnet.models.pretrained). No Lightning,
+no Hydra."""
 
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ def read_any_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Raises pickle.UnpicklingError for a file that would run code."""
     path = os.path.expanduser(os.fspath(path))
+    if path.startswith("hf-hub:") or os.path.isdir(path):  # the Hub's timm layout
+        from nfnet.models.timm_hub import read_timm_folder
+
+        return read_timm_folder(path).state_dict
     if not zipfile.is_zipfile(path):
         return read_weights(path)
     contents = torch.load(path, map_location="cpu", weights_only=True)

@@ -55,7 +55,7 @@ class NFNetClassifier(pl.LightningModule):
             net = create_model(
                 model["name"], num_classes=num_classes, drop_rate=model["drop_rate"],
                 stochdepth_rate=model["stochdepth_rate"], activation=model["activation"],
-                gelu_approximate=model["gelu_approximate"],
+                gelu_approximate=model["gelu_approximate"], grad_checkpointing=model["grad_checkpointing"],
             )
         self.net = net
         if model["pretrained"]:
