@@ -88,3 +88,28 @@ def test_official_loader_reads_two_raw_images_per_example(cfg_train):
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.batch_size == 8 and loader.drop_last
+
+
+def test_gpu_decoding_gives_the_cpu_pipelines_batch(cfg_train):
+    """data.decode=gpu: the workers only read bytes and draw; the datamodule's transfer hook runs
+    the device stage (here on the CPU). Same seed, same first batch, bit for bit."""
+    batches = {}
+    for decode in ("cpu", "gpu"):
+        cfg = cfg_train(["augment=official", "data.num_workers=0", "data.batch_size=6", f"data.decode={decode}"])
+        pl.seed_everything(3, workers=True)
+        dm = build_datamodule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        batches[decode] = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    (cpu_images, cpu_targets), (gpu_images, gpu_targets) = batches["cpu"], batches["gpu"]
+    assert gpu_images.dtype == torch.uint8 and gpu_images.shape == cpu_images.shape
+    assert torch.equal(gpu_images, cpu_images) and torch.equal(gpu_targets, cpu_targets)
+
+
+def test_gpu_decoding_needs_the_official_augmentation(cfg_train):
+    from nfnet.app.checks import check_config
+    from nfnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.decode=gpu .* augment=official"):
+        check_config(cfg_train(["augment=basic", "data.decode=gpu"]), this_machine=False)

@@ -107,3 +107,12 @@ def test_config_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "optim.agc.clipping=-1" in result.stderr
+
+
+def test_a_run_with_gpu_decoding_trains_through_the_datamodules_device_stage(cfg_train):
+    # On this CPU the device stage runs on the CPU: the wiring (loader -> transfer hook -> module) is what
+    # is under test here; the pixels are tested against the CPU pipeline in test_datamodule.py.
+    cfg = cfg_train(["augment=official", "data.decode=gpu", "+trainer.max_steps=2", "trainer.max_epochs=1",
+                     "test=false", "callbacks=none", "model.train_size=32", "model.test_size=32"])
+    metrics = tasks.train(cfg)
+    assert metrics["train/loss_step"] > 0 and "train/agc_clip_frac" in metrics

@@ -102,6 +102,16 @@ def unwritable_reason(path: str) -> str | None:
     return None
 
 
+def _check_decode(cfg: DictConfig) -> None:
+    if read(cfg, "data.decode") == "cpu":
+        return
+    augment, accelerator = read(cfg, "augment.name"), read(cfg, "trainer.accelerator", "auto")
+    require(augment == "official", f"data.decode=gpu runs the official augmentation on the device; it needs "
+                                    f"augment=official (got augment={augment}), or data.decode=cpu")
+    require(accelerator != "tpu", "data.decode=gpu decodes with nvjpeg on a CUDA device (or the CPU); on a TPU "
+                                  "use data.decode=cpu")
+
+
 def _check_ra_level(cfg: DictConfig) -> None:
     from nfnet.data.randaugment_levels import MAX_LEVEL, parse_ra_level
 
@@ -162,6 +172,7 @@ def check_config(cfg: DictConfig, this_machine: bool = True) -> None:
     check_schema_values(cfg, "train")
     _check_model(cfg, this_machine)
     _check_data(cfg, this_machine)
+    _check_decode(cfg)
     _check_ra_level(cfg)
     check_trainer(cfg, this_machine)
     _check_run(cfg, this_machine)

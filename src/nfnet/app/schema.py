@@ -84,6 +84,10 @@ class DataConfig:
     global_batch_size: Optional[int] = setting(None, Integer(nullable=True, note=" (examples per optimizer step over all devices)"))
     eval_batch_size: Optional[int] = setting(None, Integer(nullable=True))
     num_workers: int = setting(2, Integer(0))
+    # augment=official: `gpu` has the loader workers only read file bytes and draw the random
+    # parameters, and decodes (nvjpeg), crops, resizes, mixes and RandAugments batched on the
+    # training device (docs/DATA.md); the same pixels as `cpu` on CPU tensors.
+    decode: str = setting("cpu", Choice(("cpu", "gpu")))
     pin_memory: bool = setting(False, Flag())
     persistent_workers: bool = setting(True, Flag())
     # data=imagefolder: the seeded fraction of each class held out for validation.

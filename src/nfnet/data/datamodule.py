@@ -21,7 +21,9 @@ from torch.utils.data import DataLoader
 
 from nfnet.data import sources
 from nfnet.data.folder import ImageFolderDataset
+from nfnet.data.device_pipeline import DeviceAugment
 from nfnet.data.mixing import OfficialCollate
+from nfnet.data.plans import EncodedBatch, EncodedImageDataset, PlanCollate
 from nfnet.data.options import AUGMENTS, SOURCES
 from nfnet.data.randaugment import RandAugment
 from nfnet.data.randaugment_levels import parse_ra_level
@@ -55,6 +57,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set = self.val_set = None
         # The folder indexes' keys, from prepare_data on the process that built them.
         self.index_keys: dict[str, str] | None = None
+        # data.decode=gpu: the batched device stage, built on the first batch.
+        self._device_augment: DeviceAugment | None = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: the only place that writes to disk (the embedded
@@ -76,10 +80,17 @@ class ImageDataModule(pl.LightningDataModule):
             keys = self.trainer.strategy.broadcast(keys)
         found = sources.splits(data, keys)
         self.classes = found.classes
-        self.train_set = ImageFolderDataset(
-            found.train, self.classes, self._train_transform(), max_bad_fraction=data["max_bad_fraction"],
-            name="train", known_bad=found.bad,
-        )
+        if self._decode_on_device:
+            # The workers read bytes and draw the crops; the device decodes and crops (transfer_batch_to_device).
+            self.train_set = EncodedImageDataset(
+                found.train, self.classes, data["train_size"], max_bad_fraction=data["max_bad_fraction"],
+                name="train", known_bad=found.bad,
+            )
+        else:
+            self.train_set = ImageFolderDataset(
+                found.train, self.classes, self._train_transform(), max_bad_fraction=data["max_bad_fraction"],
+                name="train", known_bad=found.bad,
+            )
         self.val_set = ImageFolderDataset(
             found.val, self.classes, ResizeCropEval(data["test_size"], pad=data["eval_pad"]),
             max_bad_fraction=data["max_bad_fraction"], name="val", known_bad=found.bad,
@@ -94,15 +105,34 @@ class ImageDataModule(pl.LightningDataModule):
             return BasicTrainTransform(data["train_size"], scale=(augment["crop_min_area"], 1.0))
         return ResizeCropEval(data["train_size"], pad=data["eval_pad"])
 
+    @property
+    def _decode_on_device(self) -> bool:
+        return self.hparams.data.get("decode", "cpu") == "gpu"
+
+    def _randaugment(self) -> RandAugment | None:
+        level = self.hparams.augment["ra_level"]
+        return RandAugment(*parse_ra_level(level)) if level else None
+
     def _train_collate(self) -> OfficialCollate | None:
         augment = self.hparams.augment
         if augment["name"] != "official":
             return None
-        randaugment = RandAugment(*parse_ra_level(augment["ra_level"])) if augment["ra_level"] else None
-        return OfficialCollate(
-            self.num_classes, randaugment=randaugment, mixup_alpha=augment["mixup_alpha"], mixup=augment["mixup"],
-            cutmix=augment["cutmix"],
+        # With GPU decoding the collate only draws (PlanCollate); the same draws, the same pixels.
+        collate = PlanCollate if self._decode_on_device else OfficialCollate
+        extra = {"size": self.hparams.data["train_size"]} if self._decode_on_device else {}
+        return collate(
+            self.num_classes, randaugment=self._randaugment(), mixup_alpha=augment["mixup_alpha"],
+            mixup=augment["mixup"], cutmix=augment["cutmix"], **extra,
         )
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, EncodedBatch):
+            # nvjpeg reads the bytes from host memory: the whole device stage runs here, and the
+            # module's normalisation then gets the uint8 images it always gets.
+            if self._device_augment is None:
+                self._device_augment = DeviceAugment(self.hparams.data["train_size"], self._randaugment())
+            return self._device_augment(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn=None, sampler=None) -> DataLoader:

@@ -27,7 +27,7 @@ no GPU PNG decoder).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -92,11 +92,13 @@ class EncodedImageDataset(ImageFolderDataset):
         max_bad_fraction: float = 0.01,
         name: str = "train",
         verify: bool = True,
+        known_bad: Optional[Mapping[str, str]] = None,
     ):
         unknown = set(encoded_formats) - set(_KINDS)
         if unknown:
             raise ValueError(f"encoded_formats {sorted(unknown)}: only {sorted(_KINDS)} travel encoded")
-        super().__init__(samples, classes, None, max_bad_fraction=max_bad_fraction, name=name, verify=verify)
+        super().__init__(samples, classes, None, max_bad_fraction=max_bad_fraction, name=name, verify=verify,
+                         known_bad=known_bad)
         self.crop = InceptionCrop(size, flip=flip)
         self.encoded_formats = tuple(encoded_formats)
 
