@@ -218,7 +218,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 # ----------------------------------------------------------------------------- models
 # This project's variant -> timm's port of the same DeepMind model (NFNET_SPEC.md §5).
 TIMM_NAMES = {f"nfnet_f{i}": f"dm_nfnet_f{i}" for i in range(7)}
-# The training config's stochastic-depth rate (conf/model/base.yaml, NFNET_SPEC.md §1.5),
+# The training config's stochastic-depth rate (nfnet.app.schema.ModelConfig, NFNET_SPEC.md §1.5),
 # given to both models so that they train alike.
 STOCHDEPTH_RATE = 0.25
 

@@ -35,6 +35,7 @@ def setting(default: Any, constraint: Constraint | None = None) -> Any:
 
 
 RATE = Number(0, 1, high_open=True)
+COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # torch, NumPy and Python all take seeds in [0, 2^32 - 1].
 SEED = Integer(0, 2**32 - 1, nullable=True, note=" (null: an unseeded run)")
 
@@ -55,7 +56,9 @@ class ModelConfig:
     # A DeepMind *_haiku.npz, a timm or safetensors file, or a checkpoint written by train.py;
     # the classifier is re-initialised when its class count differs from the data's.
     pretrained: Optional[str] = setting(None, Text("no pretrained weights", "a weights file"))
-    compile: bool = setting(False, Flag())
+    # torch.compile of the network: false, true (= default), or a mode; reduce-overhead captures
+    # the forward and backward in CUDA graphs (the step must not read the device: it does not).
+    compile: Any = setting(False, Choice(COMPILE_MODES))
     channels_last: bool = setting(False, Flag())
     # Activation checkpointing (recompute in the backward pass): false, per `stage` or per
     # `block` (F3-F7 at their sizes: 0.18x the activation memory for 1.27x the step time, F3 320 px).

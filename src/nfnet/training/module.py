@@ -91,10 +91,11 @@ class NFNetClassifier(pl.LightningModule):
         return images, targets
 
     def setup(self, stage: str) -> None:
-        if self.hparams.model["compile"] and stage == "fit":
+        mode = self.hparams.model["compile"]
+        if mode and stage == "fit":
             # Compiling the network in place (not the LightningModule) keeps `self.log` out of
             # the graph and the state-dict keys free of an `_orig_mod.` prefix.
-            self.net.compile()
+            self.net.compile(mode=None if mode in (True, "default") else mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
