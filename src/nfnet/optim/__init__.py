@@ -1,4 +1,5 @@
-"""Optimization floor: adaptive gradient clipping, parameter groups by role, schedules.
+"""Optimization floor: adaptive gradient clipping, parameter groups by role, schedules, SGD with
+a device-side skip.
 
 Plain PyTorch (no Lightning, no Hydra), usable from any training loop.
 """
@@ -19,8 +20,10 @@ from nfnet.optim.schedule import (
     warmup_cosine,
     warmup_cosine_scheduler,
 )
+from nfnet.optim.sgd import SGD
 
 __all__ = [
+    "SGD",
     "AdaptiveGradClipper",
     "WarmupCosineMultiplier",
     "adaptive_clip_grad_",
