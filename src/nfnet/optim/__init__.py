@@ -1,10 +1,11 @@
 """Optimization floor: adaptive gradient clipping, parameter groups by role, schedules, SGD with
-a device-side skip.
+a device-side skip, the weights' EMA.
 
 Plain PyTorch (no Lightning, no Hydra), usable from any training loop.
 """
 
 from nfnet.optim.agc import AdaptiveGradClipper, adaptive_clip_grad_
+from nfnet.optim.ema import ExponentialMovingAverage
 from nfnet.optim.param_groups import (
     agc_named_parameters,
     agc_parameters,
@@ -25,6 +26,7 @@ from nfnet.optim.sgd import SGD
 __all__ = [
     "SGD",
     "AdaptiveGradClipper",
+    "ExponentialMovingAverage",
     "WarmupCosineMultiplier",
     "adaptive_clip_grad_",
     "agc_named_parameters",
