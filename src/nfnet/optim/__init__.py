@@ -1,5 +1,5 @@
 """Optimization floor: adaptive gradient clipping, parameter groups by role, schedules, SGD with
-a device-side skip, the weights' EMA.
+a device-side skip, the weights' EMA, and the step guard that ties them together.
 
 Plain PyTorch (no Lightning, no Hydra), usable from any training loop.
 """
@@ -22,16 +22,19 @@ from nfnet.optim.schedule import (
     warmup_cosine_scheduler,
 )
 from nfnet.optim.sgd import SGD
+from nfnet.optim.step_guard import StepGuard, grads_finite
 
 __all__ = [
     "SGD",
     "AdaptiveGradClipper",
     "ExponentialMovingAverage",
+    "StepGuard",
     "WarmupCosineMultiplier",
     "adaptive_clip_grad_",
     "agc_named_parameters",
     "agc_parameters",
     "ema_decay",
+    "grads_finite",
     "optimizer_param_groups",
     "parameter_roles",
     "scale_lr",
