@@ -137,10 +137,15 @@ def test_counts_survive_a_checkpoint_round_trip():
     assert guard.counts() == (13, 3)
 
 
-def test_guard_needs_the_device_side_optimizer():
+def test_guard_needs_the_device_side_optimizer_and_its_two_halves_in_order():
     model = tiny()
     with pytest.raises(TypeError, match="nfnet.optim.SGD"):
         StepGuard(torch.optim.SGD(model.parameters(), lr=LR))
+    guard, _ = guarded(model)
+    set_grads(model, 0)
+    guard.step()
+    with pytest.raises(RuntimeError, match="before_step"):
+        guard.after_step()  # a second EMA update and count on the same flag
 
 
 def test_whole_step_compiles_fullgraph_and_skips_inside_the_graph():

@@ -17,19 +17,26 @@ weights of the same step.
 In a Lightning module (``NFNetClassifier``), the intended wiring:
 
 - ``configure_optimizers``: ``nfnet.optim.SGD(optimizer_param_groups(net, wd), lr=peak_lr,
-  momentum=0.9, nesterov=True)``; for CUDA graphs pass ``lr`` as a 0-dim float32 tensor on the
-  device: ``LambdaLR`` then fills it in place each step.
-- ``on_fit_start``: ``StepGuard(optimizer, clipper, ema)``, with the clipper as today and
-  ``ExponentialMovingAverage(ema_net.parameters(), net.parameters(), decay,
-  step=trainer.global_step)``.
-- ``on_before_optimizer_step(optimizer)``: ``guard.before_step()`` (sets
-  ``optimizer.apply_step``); log ``guard.clip_fraction`` (a tensor: read at the log interval).
+  momentum=0.9, nesterov=True)`` with the same LambdaLR. For a CUDA graph, ``lr`` is a 0-dim
+  float32 tensor on the device: LambdaLR then fills it in place (code that assigns
+  ``group["lr"] = x``, as ``_follow_configured_schedule`` does, must ``fill_`` it instead).
+- ``on_train_start`` (after a checkpoint restored weights, optimizer and ``global_step``):
+  ``StepGuard(trainer.optimizers[0], clipper, ExponentialMovingAverage(ema_net.parameters(),
+  net.parameters(), decay, step=trainer.global_step))``, then ``guard.load_counts(...)`` with
+  the counts ``on_load_checkpoint`` found.
+- ``on_before_optimizer_step``: ``guard.before_step()`` (arms ``optimizer.apply_step``); log
+  ``guard.clip_fraction`` and ``guard.skipped_steps`` as tensors (read at the log interval).
 - ``optimizer_step``: ``super().optimizer_step(...)``, then ``guard.after_step()``.
-- logging / checkpoints: ``guard.counts()`` (one host read) at the logging interval and in
-  ``on_save_checkpoint``; ``guard.load_counts(...)`` in ``on_load_checkpoint``. The
-  consecutive-skip limit is checked where the counts are read, not every step.
-- stop: the per-step ``bool(...)`` read, ``p.grad = None`` skipping, the ``_step_skipped``
-  flag and the host-side EMA weight.
+- every ``log_every_n_steps`` and in ``on_save_checkpoint``: ``guard.counts()`` (one host read);
+  the ``max_consecutive_skips`` stop is decided there, so it may come up to one log interval
+  late (the skipped steps changed nothing meanwhile).
+- gone: the per-step ``bool(...)`` read, ``p.grad = None`` skipping, ``_step_skipped``, the
+  Python-float EMA weight and its ``[p.detach() for p in ...]`` (233 ops per F0 step).
+
+Tensors a CUDA graph of this step needs: ``lr`` (above), ``ema.step`` and the counters (held
+here, advanced in place), the flag (made in the step), and static gradients (a captured step
+reads the ``.grad`` tensors it saw: zero them in place, ``zero_grad(set_to_none=False)``, or copy
+fresh ones in). fp16 with a GradScaler keeps the scaler's own host-read skip; bf16 needs none.
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ class StepGuard:
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
         self.finite: torch.Tensor | None = None
         self.clip_fraction: torch.Tensor | None = None
+        # Whether before_step ran since the last after_step: a stale flag would mask the EMA
+        # and the counters of the wrong step.
+        self._armed = False
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -87,12 +97,14 @@ class StepGuard:
         self.optimizer.apply_step = self.finite
         if self.clipper is not None:
             self.clip_fraction = self.clipper.clip_()
+        self._armed = True
 
     @torch.no_grad()
     def after_step(self) -> None:
         """The EMA update and the counters, both masked by this step's flag."""
-        if self.finite is None:
+        if not self._armed:
             raise RuntimeError("StepGuard.after_step: before_step was not called for this step.")
+        self._armed = False
         if self.ema is not None:
             self.ema.update_(self.finite)
         skipped = self.finite.logical_not()
