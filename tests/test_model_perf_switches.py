@@ -49,6 +49,30 @@ def test_ws_backward_matches_autograd_and_finite_differences(add_eps):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(256, 128, 1, 1), (768, 128, 3, 3), (16, 3, 3, 3)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_ws_is_float64_exact_up_to_float32_rounding(shape, layout):
+    """F0's conv shapes in float32 against §1.6 in float64, differentiated by autograd: forward
+    and both gradients within 4 float32 epsilons of the largest value (measured on every F0
+    conv: 1.7 forward, 2.0 backward; the previous form: 6.7 and 15)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    w[1] *= 1e-4  # a row under the eps floor
+    gain = torch.rand(shape[0], generator=gen) + 0.5
+    upstream = torch.randn(shape, generator=gen)
+    w64, gain64 = w.double().requires_grad_(), gain.double().requires_grad_()
+    ref = _spec_ws(w64, gain64, 1e-4, False)
+    ref_grads = torch.autograd.grad((ref * upstream.double()).sum(), (w64, gain64))
+    w32 = w.contiguous(memory_format=layout).requires_grad_()
+    gain32 = gain.clone().requires_grad_()
+    out = scaled_weight_standardization(w32, gain32, 1e-4, False)
+    grads = torch.autograd.grad((out * upstream).sum(), (w32, gain32))
+    eps32 = torch.finfo(torch.float32).eps
+    for got, want in [(out, ref), *zip(grads, ref_grads)]:
+        err = (got.double() - want.detach()).abs().max() / want.detach().abs().max()
+        assert err <= 4 * eps32, f"{err / eps32:.1f} eps"
+
+
 def test_ws_conv_gradients_match_the_spec_formula():
     torch.manual_seed(0)
     conv = WSConv2d(8, 6, 3, stride=2, groups=2)

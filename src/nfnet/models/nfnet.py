@@ -114,14 +114,16 @@ class NFBlock(nn.Module):
         out = self.conv2(self.act(out))
         # 2*SE(out)*out, the stochastic-depth mask, skip_gain and alpha all scale `out` per
         # (sample, channel): they are multiplied together on the small (B, C, 1, 1) gate and
-        # applied with the residual add in one pass over the feature map.
-        gate = self.se(out) * (SE_GAIN * self.alpha) * self.skip_gain
+        # applied with the residual add in one pass over the feature map; the constant 2*alpha
+        # rides on that add rather than costing an op of its own.
+        gate = self.se(out) * self.skip_gain
         if isinstance(self.stochastic_depth, StochasticDepth):
             mask = self.stochastic_depth.keep_mask(out)
             if mask is not None:
                 gate = gate * mask
-        # The gate in the map's dtype: under autocast the residual stream stays bf16.
-        return torch.addcmul(shortcut, out, gate.to(out.dtype))
+        if gate.dtype != out.dtype:  # under autocast the residual stream stays bf16
+            gate = gate.to(out.dtype)
+        return torch.addcmul(shortcut, out, gate, value=SE_GAIN * self.alpha)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:.6f}, alpha={self.alpha}"
