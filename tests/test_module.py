@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import classifier, ready_datamodule
+from nfnet.optim.sgd import SGD
 from nfnet.training.module import NFNetClassifier
 
 # Dropout and stochastic depth off: the tests recompute gradients by hand and need the same
@@ -55,7 +56,7 @@ def test_weight_decay_groups_and_nesterov():
     module = classifier(10, DETERMINISTIC, weight_decay=2e-5)
     module.trainer = _fake_trainer(64, 1, 1, total_steps=100, epochs=1)
     optimizer = module.configure_optimizers()["optimizer"]
-    assert isinstance(optimizer, torch.optim.SGD)
+    assert isinstance(optimizer, SGD)  # nfnet.optim.SGD: torch.optim.SGD's update, bit for bit (tests/test_sgd_step.py)
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
     decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     net = module.net

@@ -95,9 +95,10 @@ def test_trainer_tpu_step_compiles_twice_then_runs_without_host_reads(cpu_as_tpu
     Nesterov SGD with weight decay, the per-step schedule and the EMA update.
 
     Step 1 compiles without momentum buffers, step 2 with them (and with the EMA update that
-    step 1 queued); from then on every step reuses step 2's graph. The EMA weight at step 1 is
-    0.9, equal to the momentum: as a Python float it would share a graph input with it and
-    force one more compile at step 3 (nfnet.training.xla.ema_weights_on_device), which this also checks.
+    step 1 queued); from then on every step reuses step 2's graph. The EMA weight comes from a
+    step counter on the device (nfnet.optim.ema): as a per-step Python float it would be a new
+    graph input at steps whose value equals another constant (0.9 at step 1, the momentum) and
+    force more compiles, which this also checks.
     """
     cfg = compose_train(["trainer=tpu", "model=nfnet_tiny", "optim=sgd_agc", "logger=none"])
     assert cfg.trainer.accelerator == "tpu" and cfg.trainer.devices == "auto" and cfg.trainer.strategy == "xla"

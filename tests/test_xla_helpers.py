@@ -20,9 +20,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from conftest import compose_train
 from nfnet.models import create_model
-from nfnet.optim.schedule import ema_decay
 from nfnet.training.metrics import log_global_accuracy, topk_accuracies
-from nfnet.training.xla import ema_weights_on_device, forward_in_dtype
+from nfnet.training.xla import forward_in_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xla
@@ -65,13 +64,6 @@ def test_topk_accuracies_equal_torchmetrics_micro_accuracy(num_classes):
     for value, k in zip(got, (1, 5)):
         metric = MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
         assert float(value) == pytest.approx(float(metric(logits, labels)), abs=1e-6)
-
-
-def test_ema_weights_on_device_follow_the_schedule():
-    for step in [0, 1, 8, 35, 10_000]:
-        weights = ema_weights_on_device(step, 0.999, 3, torch.device("cpu"))
-        assert len(weights) == 3 and weights[0].shape == () and weights[0].dtype == torch.float32
-        assert float(weights[0]) == pytest.approx(1.0 - ema_decay(step, 0.999), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- global metrics

@@ -14,9 +14,11 @@ the one exception is an element that is -0.0 in the average, which stays -0.0 on
 weight's is too, i.e. one that was -0.0 in the initial weights and never moved).
 
 No foreach lerp takes a 0-dim tensor weight. On CPU (where foreach kernels run tensor by tensor
-anyway) each tensor gets the same 0-dim weight. Elsewhere that list would leave the fused
-multi-tensor kernel for one launch per tensor, so the weight is first written into a scratch
-list shaped like the averages (two fused kernels), which keeps the lerp one fused kernel.
+anyway) and on XLA (which traces the whole step into one graph) each tensor gets the same 0-dim
+weight; on XLA a scratch list, created on the first update, made the second step's graph differ
+from all later ones (one more compile, tests/test_xla.py). On CUDA that list would leave the
+fused multi-tensor kernel for one launch per tensor, so the weight is first written into a
+scratch list shaped like the averages (two fused kernels), which keeps the lerp one fused kernel.
 """
 
 from __future__ import annotations
@@ -29,21 +31,22 @@ from nfnet.optim.schedule import PAPER_EMA_DECAY
 
 # utils.tf1_ema: the decay warms up as (1 + t) / (10 + t).
 _WARMUP_OFFSET = 10.0
-# Devices whose foreach lerp takes a list of 0-dim weights without leaving the fused path
-# (CPU has no fused path to leave); everywhere else the weight is filled into a scratch list.
-_BROADCAST_WEIGHT_DEVICES = frozenset({"cpu"})
+# Devices whose foreach lerp takes a list of 0-dim weights (CPU has no fused path to leave, XLA
+# fuses the traced graph itself); everywhere else the weight is filled into a scratch list.
+_BROADCAST_WEIGHT_DEVICES = frozenset({"cpu", "xla"})
 
 
 class ExponentialMovingAverage:
     """``averages`` track ``sources`` (e.g. an EMA copy's parameters and the model's), pair by
     pair; ``step`` is the number of updates already made (``trainer.global_step`` on resume).
 
-    ``step`` is kept as a float64 0-dim tensor on the averages' device, ``self.step``; set it
-    with ``self.step.fill_(n)``.
+    ``step`` is kept as a 0-dim tensor on the averages' device, ``self.step`` (set it with
+    ``self.step.fill_(n)``), in float64 by default (the weight then equals Python's bit for bit);
+    ``step_dtype=torch.float32`` for devices without float64 (TPUs), exact for t < 2^24.
     """
 
     def __init__(self, averages: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
-                 decay: float = PAPER_EMA_DECAY, step: int = 0) -> None:
+                 decay: float = PAPER_EMA_DECAY, step: int = 0, step_dtype: torch.dtype = torch.float64) -> None:
         averages, sources = list(averages), list(sources)
         if len(averages) != len(sources) or not averages:
             raise ValueError(
@@ -60,7 +63,9 @@ class ExponentialMovingAverage:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"ExponentialMovingAverage: decay must be in [0, 1], got {decay}.")
         self.decay = float(decay)
-        self.step = torch.tensor(float(step), dtype=torch.float64, device=averages[0].device)
+        # Uploaded with shape (1,) and viewed as 0-dim on the device: torch-xla would share a 0-dim
+        # upload with any equal number of the step (a new graph input, a recompile).
+        self.step = torch.tensor([float(step)], dtype=step_dtype, device=averages[0].device).view(())
         buckets: dict = {}
         for avg, src in zip(averages, sources):
             pair = buckets.setdefault((avg.device, avg.dtype), ([], []))
@@ -70,7 +75,7 @@ class ExponentialMovingAverage:
         self._weight_scratch: dict[int, list[torch.Tensor]] = {}
 
     def weight(self) -> torch.Tensor:
-        """``1 - decay_t`` at the current step: a 0-dim float32 tensor, computed in float64."""
+        """``1 - decay_t`` at the current step: a 0-dim float32 tensor, computed in the step's dtype."""
         t = self.step
         decay_t = torch.clamp((t + 1.0) / (t + _WARMUP_OFFSET), max=self.decay)
         return torch.rsub(decay_t, 1.0).to(torch.float32)

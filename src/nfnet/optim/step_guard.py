@@ -70,7 +70,7 @@ class StepGuard:
     """
 
     def __init__(self, optimizer: SGD, clipper: AdaptiveGradClipper | None = None,
-                 ema: ExponentialMovingAverage | None = None) -> None:
+                 ema: ExponentialMovingAverage | None = None, check_finite: bool = True) -> None:
         if not isinstance(optimizer, SGD):
             raise TypeError(
                 f"StepGuard needs nfnet.optim.SGD (it skips steps on the device), got "
@@ -79,6 +79,8 @@ class StepGuard:
         self.optimizer = optimizer
         self.clipper = clipper
         self.ema = ema
+        # False: every step applies (no flag, no counting), e.g. where the check is not wanted.
+        self.check_finite = check_finite
         device = next(p.device for g in optimizer.param_groups for p in g["params"])
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.consecutive_skips = torch.zeros((), dtype=torch.int64, device=device)
@@ -91,9 +93,10 @@ class StepGuard:
     @torch.no_grad()
     def before_step(self) -> None:
         """Checks the gradients, arms the optimizer's skip flag, clips (AGC)."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
-        self.finite = grads_finite(grads)
+        if self.check_finite:
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                     if p.grad is not None]
+            self.finite = grads_finite(grads)
         self.optimizer.apply_step = self.finite
         if self.clipper is not None:
             self.clip_fraction = self.clipper.clip_()
@@ -107,6 +110,8 @@ class StepGuard:
         self._armed = False
         if self.ema is not None:
             self.ema.update_(self.finite)
+        if self.finite is None:
+            return
         skipped = self.finite.logical_not()
         self.skipped_steps.add_(skipped)
         self.consecutive_skips.add_(1).mul_(skipped)

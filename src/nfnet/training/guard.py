@@ -1,11 +1,14 @@
-"""The non-finite step guard: a step whose loss or gradients hold NaN/Inf does not happen.
+"""The non-finite step guard, as the user sees it: skipped steps counted, logged, warned about,
+and `max_consecutive` of them in a row stopping the run.
 
-Such a step is skipped (weights, momentum buffers and EMA untouched), counted in
-`train/skipped_steps`, and `max_consecutive` of them in a row stop the run with TrainingStopped,
-keeping the last good checkpoint. The step still counts (global_step and the LR schedule
-advance, as for a batch AMP's GradScaler skips), so the run keeps its length and schedule.
-Not used on XLA, where the check would read a value back to the host every step and stall the
-TPU pipeline (docs/RELIABILITY.md).
+The skipping itself happens on the device, without a host read (nfnet.optim.step_guard.StepGuard,
+run by the LightningModule around each optimizer step): weights, momentum buffers and EMA keep
+their bits, and the step still counts (global_step and the LR schedule advance, as for a batch
+AMP's GradScaler skips), so the run keeps its length and schedule. This callback reads the
+device's two counters back: every step on the CPU (where a read costs nothing), every logging
+interval on an accelerator (the stop may then come up to one interval late; the skipped steps
+changed nothing meanwhile). It also keeps the counts in checkpoints. Not used on XLA
+(docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -17,55 +20,46 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from nfnet.errors import TrainingStopped
-from nfnet.training.xla import on_xla
+from nfnet.optim.step_guard import StepGuard
 
 
 def poison_nonfinite_loss(loss: torch.Tensor) -> torch.Tensor:
     """A non-finite loss can still give finite gradients (an infinite log-probability under label
-    smoothing does): make them NaN, so the guard's one gradient check catches it. Under DDP the
-    NaN is all-reduced to every replica, so all skip the same step. A finite loss is multiplied by
+    smoothing does): make them NaN, so that the gradient check catches it. Under DDP the NaN is
+    all-reduced to every replica, so all skip the same step. A finite loss is multiplied by
     exactly 1: its gradients stay bit-identical."""
     return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
 
 
 class NonFiniteGuard(pl.Callback):
-    """Skips optimizer steps with non-finite gradients; the LightningModule must pass its loss
-    through `poison_nonfinite_loss` (NFNetClassifier does when optim.skip_nonfinite is on)."""
+    """Reads, reports and checkpoints the skip counters of the module's StepGuard (`attach`)."""
 
     def __init__(self, max_consecutive: int | None = 10) -> None:
         self.max_consecutive = max_consecutive
-        self.skipped_steps = 0
-        self.consecutive = 0
-        # Whether the optimizer step being taken was skipped (read by EMAUpdate after it).
-        self.skipped_last_step = False
+        # (skipped steps in total, in a row): as last read, or restored from a checkpoint.
+        self.counts = (0, 0)
+        self.step_guard: StepGuard | None = None
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        self.skipped_last_step = False
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or on_xla(grads[0]):
+    def attach(self, step_guard: StepGuard) -> None:
+        """The StepGuard of this run (built when training starts), given the restored counts."""
+        step_guard.load_counts(*self.counts)
+        self.step_guard = step_guard
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.step_guard is None or not self.step_guard.check_finite:
             return
-        # One fused max-abs over all gradients and one host read per step; an Inf/NaN anywhere
-        # (or a NaN loss, see poison_nonfinite_loss) makes it non-finite.
-        finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
-        if finite:
-            self.consecutive = 0
-        else:
-            self._skip(trainer, optimizer)
-        pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
-
-    def _skip(self, trainer: pl.Trainer, optimizer) -> None:
-        # No gradient reaches the optimizer: SGD leaves the weights and momentum as they were.
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        self.skipped_last_step = True
-        self.skipped_steps += 1
-        self.consecutive += 1
+        if pl_module.device.type != "cpu" and trainer.global_step % trainer.log_every_n_steps:
+            return
+        before = self.counts[0]
+        self.counts = skipped, consecutive = self.step_guard.counts()
+        pl_module.log("train/skipped_steps", float(skipped), on_step=True, on_epoch=False)
+        if skipped == before:
+            return
         message = (
-            f"step {trainer.global_step}: non-finite loss or gradient, optimizer step skipped "
-            f"({self.consecutive} in a row, {self.skipped_steps} in this run)"
+            f"step {trainer.global_step - 1}: non-finite loss or gradient, optimizer step skipped "
+            f"({consecutive} in a row, {skipped} in this run)"
         )
-        if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
+        if self.max_consecutive is not None and consecutive >= self.max_consecutive:
             raise TrainingStopped(
                 f"{message}: stopping after optim.max_consecutive_skips={self.max_consecutive} consecutive "
                 "non-finite steps. The weights are those of the last good step and the last checkpoint is "
@@ -73,9 +67,13 @@ class NonFiniteGuard(pl.Callback):
             )
         rank_zero_warn(message)
 
+    @property
+    def skipped_steps(self) -> int:
+        return (self.step_guard.counts() if self.step_guard is not None else self.counts)[0]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}
+        skipped, consecutive = self.step_guard.counts() if self.step_guard is not None else self.counts
+        return {"skipped_steps": skipped, "consecutive": consecutive}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self.consecutive = int(state_dict.get("consecutive", 0))
+        self.counts = (int(state_dict.get("skipped_steps", 0)), int(state_dict.get("consecutive", 0)))

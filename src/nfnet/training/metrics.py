@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+from nfnet.training.xla import on_xla
+
 TOP_K = (1, 5)
 
 
@@ -75,3 +77,32 @@ def log_train_step_xla(
         batch_size=batch_size, reduce_fx="mean",
     )
     log_global_accuracy(module, "train/", logits.detach(), labels, ks)
+
+
+def dominant_labels(targets: torch.Tensor) -> torch.Tensor:
+    """Integer labels, or for mixed soft targets the dominant source image's label: the
+    reference of the training accuracy on mixed batches."""
+    return targets if targets.ndim == 1 else targets.argmax(dim=-1)
+
+
+def log_training_metrics(module: Any, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                         metrics: torch.nn.ModuleDict) -> None:
+    """`train/loss` and the training accuracies: torchmetrics, or on XLA global means."""
+    if on_xla(logits):
+        log_train_step_xla(module, loss, logits, labels, TOP_K)
+        return
+    for metric in metrics.values():
+        metric.update(logits.detach(), labels)
+    module.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+    module.log_dict({f"train/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True)
+
+
+def log_evaluation_metrics(module: Any, prefix: str, logits: torch.Tensor, labels: torch.Tensor,
+                           metrics: torch.nn.ModuleDict, prog_bar: bool) -> None:
+    """`<prefix>acc_top1/5` of an evaluation step: torchmetrics, or on XLA global means."""
+    if on_xla(logits):
+        log_global_accuracy(module, prefix, logits, labels, TOP_K, prog_bar=prog_bar)
+        return
+    for metric in metrics.values():
+        metric.update(logits, labels)
+    module.log_dict({f"{prefix}{k}": m for k, m in metrics.items()}, on_epoch=True, prog_bar=prog_bar)

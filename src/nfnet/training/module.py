@@ -4,10 +4,11 @@ It owns the network and its EMA copy, the soft-target loss with label smoothing 
 metrics (raw and EMA side by side, as the paper reports both), SGD with Nesterov momentum and
 role-based weight decay under the per-step warmup + cosine schedule, and adaptive gradient
 clipping in `on_before_optimizer_step`, where Lightning hands over gradients that are unscaled,
-accumulated and, under DDP/XLA, already averaged across replicas. The EMA update
-(nfnet.training.ema) runs inside its optimizer step; the non-finite step guard and the finite
-checkpoint check are callbacks it brings itself (`configure_callbacks`), so a plain `Trainer`
-gets them too.
+accumulated and, under DDP/XLA, already averaged across replicas. Around each
+optimizer step it runs, on the device and without a host read, the finiteness check of the
+gradients, AGC, the (possibly skipped) SGD step and EMA update (nfnet.optim.step_guard); the
+callbacks that report the skips and refuse non-finite checkpoints come with it
+(`configure_callbacks`), so a plain `Trainer` gets them too.
 
 Its arguments are the config's `model` and `optim` sections as plain mappings (their schema and
 defaults: nfnet.app.schema), so checkpoints hold primitives only and load with `weights_only=True`.
@@ -30,12 +31,14 @@ from nfnet.inference.weights import load_pretrained
 from nfnet.models import create_model
 from nfnet.models.nfnet import NFNet
 from nfnet.optim.agc import AdaptiveGradClipper, check_unscaled_gradients
+from nfnet.optim.ema import ExponentialMovingAverage
 from nfnet.optim.param_groups import agc_named_parameters, optimizer_param_groups, stage_of
 from nfnet.optim.schedule import follow_schedule, run_schedule_lengths, scale_lr, warmup_cosine_scheduler
+from nfnet.optim.sgd import SGD
+from nfnet.optim.step_guard import StepGuard
 from nfnet.training.checkpoints import FiniteCheckpoints
-from nfnet.training.ema import EMAUpdate
 from nfnet.training.guard import NonFiniteGuard, poison_nonfinite_loss
-from nfnet.training.metrics import TOP_K, accuracies, log_global_accuracy, log_train_step_xla
+from nfnet.training.metrics import accuracies, dominant_labels, log_evaluation_metrics, log_training_metrics
 from nfnet.training.xla import forward_in_dtype, on_xla
 
 # Normalization is done by the module on purpose (it belongs to the network's input contract and
@@ -62,18 +65,18 @@ class NFNetClassifier(pl.LightningModule):
             load_pretrained(self.net, model["pretrained"])
         if model["channels_last"]:
             self.net = self.net.to(memory_format=torch.channels_last)
-        # A frozen copy that `ema` moves after each optimizer step; it is part of the state dict,
-        # so a checkpoint holds both weight sets and a resume restores both.
+        # A frozen copy moved after each optimizer step; it is part of the state dict, so a
+        # checkpoint holds both weight sets and a resume restores both.
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False) if optim["ema"]["decay"] is not None else None
-        # Callbacks (configure_callbacks); the EMA moves only after the steps the guard let through.
         self.guard = NonFiniteGuard(optim["max_consecutive_skips"]) if optim["skip_nonfinite"] else None
-        self.ema = EMAUpdate(optim["ema"]["decay"], self.guard) if self.ema_net is not None else None
         # By stage ("fit" for training: ModuleDict keys may not shadow nn.Module.train).
         self.metrics = torch.nn.ModuleDict(
             {stage: accuracies(num_classes) for stage in ("fit", "val", "val_ema", "test", "test_ema")}
         )
-        # Built in on_fit_start, once the parameters are where training runs them.
+        # Built in on_fit_start / on_train_start, once the parameters are where training runs
+        # them and a checkpoint has restored its step.
         self.clipper: AdaptiveGradClipper | None = None
+        self.step_guard: StepGuard | None = None
         # (warmup, total) steps as configure_optimizers planned them, before the loop starts
         # (EpochLength then resizes each epoch); on_train_start holds a restored schedule to it.
         self.planned_schedule: tuple[float, int] | None = None
@@ -112,11 +115,6 @@ class NFNetClassifier(pl.LightningModule):
         # float32 logits: under bf16 the log-softmax of 1000 classes loses too much precision.
         return -(self.soft_targets(targets) * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
-    @staticmethod
-    def hard_labels(targets: torch.Tensor) -> torch.Tensor:
-        # For accuracy on mixed batches the dominant source image's label is the reference.
-        return targets if targets.ndim == 1 else targets.argmax(dim=-1)
-
     # ----------------------------------------------------------------- steps
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -124,14 +122,7 @@ class NFNetClassifier(pl.LightningModule):
         compute_dtype = getattr(self.trainer.precision_plugin, "compute_dtype", None)
         logits = self.net(images) if compute_dtype is None else forward_in_dtype(self.net, images, compute_dtype)
         loss = self.loss(logits, targets)
-        labels = self.hard_labels(targets)
-        if on_xla(logits):
-            log_train_step_xla(self, loss, logits, labels, TOP_K)
-        else:
-            for metric in self.metrics["fit"].values():
-                metric.update(logits.detach(), labels)
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-            self.log_dict({f"train/{k}": m for k, m in self.metrics["fit"].items()}, on_step=False, on_epoch=True)
+        log_training_metrics(self, loss, logits, dominant_labels(targets), self.metrics["fit"])
         # The schedule's value is a Python float: logging it costs no device sync.
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         if self.hparams.optim["skip_nonfinite"] and not on_xla(loss):
@@ -146,12 +137,7 @@ class NFNetClassifier(pl.LightningModule):
             logits, raw = net(images), net is self.net
             if raw:
                 self.log(f"{stage}/loss", self.loss(logits, labels), on_epoch=True, sync_dist=True)
-            if on_xla(logits):  # global across TPU cores, as in training_step
-                log_global_accuracy(self, prefix, logits, labels, TOP_K, prog_bar=raw)
-                continue
-            for metric in self.metrics[name].values():
-                metric.update(logits, labels)
-            self.log_dict({f"{prefix}{k}": m for k, m in self.metrics[name].items()}, on_epoch=True, prog_bar=raw)
+            log_evaluation_metrics(self, prefix, logits, labels, self.metrics[name], prog_bar=raw)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -175,11 +161,13 @@ class NFNetClassifier(pl.LightningModule):
             self.clipper = AdaptiveGradClipper(agc_named_parameters(self.net), agc["clipping"], agc["eps"], group_fn=stage_of)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # The gradients' finiteness flag (arms the optimizer's device-side skip), then AGC.
+        self.step_guard.before_step()
         if self.clipper is None:
             return
         # Tensors go to the logger: they are read back only at the logging interval. Per stage,
         # the fractions show where lambda bites (a dashboard for tuning it).
-        self.log("train/agc_clip_frac", self.clipper.clip_(), on_step=True, on_epoch=False)
+        self.log("train/agc_clip_frac", self.step_guard.clip_fraction, on_step=True, on_epoch=False)
         fractions = {f"train/agc_clip_frac_{group}": value for group, value in self.clipper.group_fractions().items()}
         self.log_dict(fractions, on_step=True, on_epoch=False)
 
@@ -193,10 +181,9 @@ class NFNetClassifier(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.hparams.optim
         peak_lr = scale_lr(optim["base_lr"], self.global_batch_size(), optim["reference_batch"])
-        optimizer = torch.optim.SGD(
-            optimizer_param_groups(self.net, optim["weight_decay"]), lr=peak_lr, momentum=optim["momentum"],
-            nesterov=optim["nesterov"],
-        )
+        # nfnet.optim.SGD: torch's SGD in a few foreach kernels, with a device-side skip.
+        optimizer = SGD(optimizer_param_groups(self.net, optim["weight_decay"]), lr=peak_lr, momentum=optim["momentum"],
+                        nesterov=optim["nesterov"])
         trainer = self.trainer
         self.planned_schedule = warmup, total = run_schedule_lengths(
             getattr(trainer.datamodule, "num_train_examples", None), self.global_batch_size(), trainer.max_epochs,
@@ -207,10 +194,20 @@ class NFNetClassifier(pl.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.ema is not None:  # global_step still counts the steps before this one here
-            self.ema.update(self.net, self.ema_net, self.global_step)
+        # The EMA moves right after the weights, inside the step: every batch-end hook, a
+        # checkpoint of this step included, sees both of the same step (bit-exact resume).
+        self.step_guard.after_step()
 
     def on_train_start(self) -> None:
+        ema = None
+        if self.ema_net is not None:  # its step is the restored global_step; TPUs have no float64
+            step_dtype = torch.float32 if on_xla(self.ema_net.classifier.weight) else torch.float64
+            ema = ExponentialMovingAverage(list(self.ema_net.parameters()), list(self.net.parameters()),
+                                           self.hparams.optim["ema"]["decay"], self.global_step, step_dtype)
+        check = self.guard is not None and not on_xla(self.net.classifier.weight)  # XLA: docs/RELIABILITY.md
+        self.step_guard = StepGuard(self.trainer.optimizers[0], self.clipper, ema, check_finite=check)
+        if self.guard is not None:
+            self.guard.attach(self.step_guard)
         # A checkpoint restores the schedule it was written with: a run resumed with more epochs
         # would stay on the old one, already decayed to its end LR. Follow this run's config.
         if not self.trainer.lr_scheduler_configs:

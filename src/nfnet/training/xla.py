@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.plugins.precision import XLAPrecision
 
-from nfnet.optim.schedule import ema_decay
 
 # --------------------------------------------------------------------------- bf16 compute
 class XLABf16Precision(XLAPrecision):
@@ -63,32 +62,6 @@ def forward_in_dtype(net: torch.nn.Module, images: torch.Tensor, dtype: torch.dt
 
 def on_xla(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "xla"
-
-
-# --------------------------------------------------------------------------- per-step scalars
-def scalar_on_device(value: float, device: torch.device) -> torch.Tensor:
-    """A per-step host number as a 0-dim float32 tensor on `device`, safe from recompiles.
-
-    torch-xla turns every Python number an op receives, and every 0-dim tensor uploaded with
-    `torch.tensor(x, device=...)`, into a graph input looked up by value, so two such numbers
-    that happen to be equal share one input. A per-step number that equals another number in
-    the step (0.9: the momentum, and 1 - label smoothing) thus changes the graph's inputs and
-    forces a full compile. A shape-(1,) upload is an ordinary transfer, never shared; viewing
-    it as 0-dim happens on the device.
-    """
-    return torch.tensor([value], dtype=torch.float32, device=device).view(())
-
-
-def ema_weights_on_device(step: int, decay: float, count: int, device: torch.device) -> list[torch.Tensor]:
-    """The EMA interpolation weight 1 - ema_decay(step), for `torch._foreach_lerp_` on XLA.
-
-    1 - decay(t) = 9 / (10 + t) is 0.9 at t = 0, 0.5 at t = 8, 0.2 (the residual alpha) at
-    t = 35, ...: as Python floats those steps would each compile the step again
-    (`scalar_on_device`). It is one 0-dim tensor per EMA tensor because torch's
-    `_foreach_lerp_` overload that takes a single tensor weight reads it back to the host.
-    """
-    weight = scalar_on_device(1.0 - float(ema_decay(step, decay)), device)
-    return [weight] * count
 
 
 # --------------------------------------------------------------------------- compile counters
