@@ -125,8 +125,10 @@ def raw_rates(args, device: torch.device) -> dict[str, float]:
 
 def render(result: dict) -> str:
     s = result["settings"]
-    rows = [[name, f"{rate:.1f}", f"{result['mfu'][name]:.1%}", f"{rate / result['raw']['nfnet']:.2f}x",
-             f"{rate / result['raw']['timm']:.2f}x"] for name, rate in result["rates"].items()]
+    raw = result["raw"]
+    rows = [[name, f"{rate:.1f}", f"{result['mfu'][name]:.1%}",
+             f"{rate / raw['nfnet']:.2f}x" if raw else "-", f"{rate / raw['timm']:.2f}x" if raw else "-"]
+            for name, rate in result["rates"].items()]
     return "\n".join([
         f"# Fit throughput: {s['model']} at {s['size']} px, batch {s['batch']}, {s['precision']}, {s['layout']}, "
         f"compile={s['compile']}, data.decode={s['decode']}, {s['workers']} workers, {result['machine']['device']}",
@@ -154,6 +156,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed fit steps (default: 4 on CPU, 60 on CUDA)")
     ap.add_argument("--warmup-steps", dest="warmup", type=int, default=None, help="default: 2 on CPU, 15 on CUDA")
     ap.add_argument("--raw-warmup", type=int, default=1)
+    ap.add_argument("--no-raw", action="store_true",
+                    help="only the fit (the raw steps come from benchmarks/train_step.py's run, as in gpu_plan.sh)")
     common.add_run_arguments(ap, rounds=3, out=common.RESULTS / "fit_throughput")
     args = ap.parse_args()
     device = common.setup_device(args.device, args.threads)
@@ -169,16 +173,18 @@ def main() -> None:
         # Every example reads 2 raw images; with the 10% held out for validation, 1.3x that.
         root = jpeg_tree(Path(tmp), int(2.6 * args.batch * (args.warmup + args.steps)) + CLASSES * 4)
         fit, fit_warmup = fit_rate(args, root)
-    raw = raw_rates(args, device)
+    raw = {} if args.no_raw else raw_rates(args, device)
     peak = common.matmul_peak_flops(device, common.DTYPES[args.precision])
     flops_per_image = 3 * 2 * common.model_macs(args.model, args.size)
-    rates = {"train.py fit (Lightning, data, AGC, EMA)": fit, "our raw step": raw["nfnet"], "timm's raw step": raw["timm"]}
+    rates = {"train.py fit (Lightning, data, AGC, EMA)": fit}
+    if raw:
+        rates.update({"our raw step": raw["nfnet"], "timm's raw step": raw["timm"]})
     result = {
         "machine": common.machine_info(device), "settings": vars(args), "rates": rates, "raw": raw,
         "fit_warmup_s": fit_warmup, "peak_flops": peak,
         "mfu": {name: rate * flops_per_image / peak for name, rate in rates.items()},
     }
-    out = Path(args.out if not cuda else f"{args.out}_cuda")
+    out = Path(f"{args.out}_cuda" if cuda and args.out == str(common.RESULTS / "fit_throughput") else args.out)
     common.save_result(out, result, render)
 
 
