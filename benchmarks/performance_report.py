@@ -431,8 +431,8 @@ def gpu_section() -> list[str]:
         out += ["**Re-measured: not yet.** No GPU was lent to the session that built these changes, so every "
                 "GPU target above is unmeasured. One command produces every GPU figure of this section on one "
                 "H200 in about 8 minutes and writes them to `benchmarks/results/*_cuda.*`, which this page then "
-                "shows (a machine without Hydra takes wheels carried in `.whl/`: `pip wheel hydra-core==1.3.2 "
-                "omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 -w .whl --no-deps`):", "",
+                "shows (a machine without Hydra takes wheels carried in `.whl/`: `pip wheel hydra-core==1.3.8 "
+                "omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 -w .whl --no-deps`):", "",
                 "```", "bash benchmarks/gpu_plan.sh", "```", ""]
     for name in measured:
         out += [f"### `{name}`", "", demote(read_md(name)), ""]
