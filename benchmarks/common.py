@@ -29,6 +29,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+# The training step every model benchmark times: SGD as the official recipe (NFNET_SPEC.md §4),
+# with a small learning rate so that random data cannot drive the weights anywhere unusual,
+# and the official label smoothing on float32 logits.
+LABEL_SMOOTHING = 0.1
+LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 2e-5
+
 # The CPU machine has 2 cores; benchmarks pin the thread count so runs compare.
 CPU_THREADS = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

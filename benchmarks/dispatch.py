@@ -48,8 +48,7 @@ import common  # noqa: E402
 
 RESULT = common.RESULTS / "dispatch"
 PHASES = ("forward", "backward", "optimizer")
-LABEL_SMOOTHING = 0.1
-LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 2e-5
+LABEL_SMOOTHING, LR, MOMENTUM, WEIGHT_DECAY = common.LABEL_SMOOTHING, common.LR, common.MOMENTUM, common.WEIGHT_DECAY
 AGC_CLIPPING = 0.01
 EMA_DECAY = 0.99999
 TOP_OPS = 15

@@ -39,8 +39,7 @@ import common  # noqa: E402
 
 RESULT = common.RESULTS / "memory"
 MODES = ("off", "stage", "block")
-LABEL_SMOOTHING = 0.1
-LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 2e-5
+LABEL_SMOOTHING, LR, MOMENTUM, WEIGHT_DECAY = common.LABEL_SMOOTHING, common.LR, common.MOMENTUM, common.WEIGHT_DECAY
 # The goal for per-block checkpointing, against no checkpointing.
 GOAL_MEMORY, GOAL_TIME = 0.4, 1.35
 # glibc: serve every allocation above 64 KiB by mmap and unmap it when freed, so that the peak

@@ -36,12 +36,9 @@ import common  # noqa: E402
 RESULT = common.RESULTS / "train_step"
 IMPLS = ("nfnet", "nfnet_erf", "timm")
 REFERENCE = ("timm", "fp32", "eager", "nchw")
-LABEL_SMOOTHING = 0.1
+LABEL_SMOOTHING, LR, MOMENTUM, WEIGHT_DECAY = common.LABEL_SMOOTHING, common.LR, common.MOMENTUM, common.WEIGHT_DECAY
 # --exec name -> torch.compile mode (None: the default mode).
 COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead"}
-# SGD as the official recipe (NFNET_SPEC.md §4); the learning rate is kept small so that random
-# data cannot drive the weights anywhere unusual during a benchmark.
-LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 2e-5
 
 
 def make_step(model: torch.nn.Module, batch: int, size: int, precision: str,
