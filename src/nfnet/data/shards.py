@@ -143,9 +143,11 @@ class ShardedImageDataset(Dataset):
         from litdata import StreamingDataset
 
         stream = StreamingDataset(self.url, cache_dir=self.cache_dir, storage_options=self.storage_options)
-        if len(stream) != self._length:
+        # len(stream) is one rank's share of LitData's own iteration; indexing is over all items.
+        held = sum(end - start for start, end in stream.region_of_interest)
+        if held != self._length:
             raise ValueError(
-                f"{self.url} holds {len(stream)} images but its {PACK_FILE} says {self._length}: "
+                f"{self.url} holds {held} images but its {PACK_FILE} says {self._length}: "
                 "the pack was changed after it was written; pack it again"
             )
         return stream
