@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "nfnet"
-ENTRIES = ("train.py", "eval.py", "predict.py", "export.py")
+ENTRIES = ("train.py", "eval.py", "predict.py", "export.py", "pack.py")
 
 # The floor of each room (docs/ARCHITECTURE.md); a room imports from lower floors or itself.
 FLOORS = {"errors": 0, "data": 1, "models": 1, "optim": 1, "inference": 2, "training": 3, "app": 4, "sweeps": 4,

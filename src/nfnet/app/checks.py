@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from nfnet.app.machine import check_trainer
 from nfnet.app.schema import ENTRIES, EXPORT_FORMATS, constrained_keys
 from nfnet.app.values import is_int, read, require
+from nfnet.data.shards import PACK_FILE, is_remote
 from nfnet.models import VARIANTS
 
 IMAGE_SIZE_STEP = 32  # NFNets downsample by 32; the official sizes are all multiples of it
@@ -62,6 +63,9 @@ def _check_data(cfg: DictConfig, this_machine: bool) -> None:
     root = read(cfg, "data.root", None)
     if source == "shapes":
         return
+    if source == "streaming":
+        _check_pack_root(root, this_machine)
+        return
     layout = "<root>/train/<class>/ and <root>/val/<class>/" if source == "imagenet" else "<root>/<class>/<images>"
     require(root is not None, f"data.root is required for data={source}: the folder laid out as {layout}")
     if not this_machine:
@@ -79,6 +83,17 @@ def _check_data(cfg: DictConfig, this_machine: bool) -> None:
             _has_subfolder(folder),
             f"data.root={str(root)!r}: {folder} is empty (no class folders); data={source} needs {layout}",
         )
+
+
+def _check_pack_root(root, this_machine: bool) -> None:
+    how = "write one with: python pack.py source=imagefolder root=<image folder> output_dir=<shards>"
+    require(root is not None, f"data.root is required for data=streaming: the output_dir of pack.py, a folder or "
+                              f"an s3://, gs:// or azure:// URI; {how}")
+    if not this_machine or is_remote(str(root)):
+        return  # an object store is asked when the data is opened
+    path = os.path.expanduser(str(root))
+    require(os.path.isfile(os.path.join(path, PACK_FILE)),
+            f"data.root={str(root)!r} is not a packed dataset (it has no {PACK_FILE}); {how}")
 
 
 def _has_subfolder(path: str) -> bool:
@@ -209,7 +224,7 @@ def check_eval_config(cfg: DictConfig, this_machine: bool = True) -> None:
     if read(cfg, "pretrained", None) is not None:
         require(source is not None and root is not None,
                  "pretrained weights carry no dataset: give source=imagenet|imagefolder and root=<folder>")
-    if root is not None and this_machine:
+    if root is not None and this_machine and not is_remote(str(root)):
         require(os.path.isdir(os.path.expanduser(str(root))), f"root={str(root)!r} does not exist or is not a folder")
     check_trainer(cfg, this_machine)
 
@@ -261,4 +276,26 @@ def check_export_config(cfg: DictConfig, this_machine: bool = True) -> None:
             f"hub.repo_id={repo!r} is not a Hub repo id; write it as user/name")
 
 
-CHECKS = {"train": check_config, "eval": check_eval_config, "predict": check_predict_config, "export": check_export_config}
+# --------------------------------------------------------------------------- pack.py
+def check_pack_config(cfg: DictConfig, this_machine: bool = True) -> None:
+    """pack.py: the folder to pack, its layout, and where the shards go."""
+    check_schema_values(cfg, "pack")
+    if not this_machine:
+        return
+    source, root = read(cfg, "source"), os.path.expanduser(str(read(cfg, "root")))
+    layout = "<root>/train/<wnid>/ and <root>/val/" if source == "imagenet" else "<root>/<class>/<images>"
+    require(os.path.isdir(root), f"root={str(cfg.root)!r} does not exist or is not a folder; source={source} needs {layout}")
+    for split in ("train", "val") if source == "imagenet" else ():
+        require(os.path.isdir(os.path.join(root, split)), f"root={str(cfg.root)!r} has no {split}/ folder; source=imagenet needs {layout}")
+    labels = read(cfg, "imagenet_val_labels", None)
+    if labels is not None:
+        check_file("imagenet_val_labels", labels, "give LOC_val_solution.csv or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    output = str(read(cfg, "output_dir"))
+    require("://" not in output, f"output_dir={output!r}: pack.py writes to a local or shared folder; copy it to "
+                                 "the object store afterwards (aws s3 sync, gcloud storage rsync, azcopy)")
+    reason = unwritable_reason(output)
+    require(reason is None, f"output_dir={output!r} cannot hold the shards: {reason}")
+
+
+CHECKS = {"train": check_config, "eval": check_eval_config, "predict": check_predict_config, "export": check_export_config,
+          "pack": check_pack_config}

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
 
 from nfnet.app.values import Choice, Constraint, Flag, Integer, Number, Text
-from nfnet.data.options import AUGMENTS, SOURCES
+from nfnet.data.options import AUGMENTS, PACK_SOURCES, SOURCES
 from nfnet.data.transforms import AREA_RANGE, CROP_PADDING
 from nfnet.models import VARIANTS, get_variant
 from nfnet.models.activations import GAMMAS, GELU_APPROXIMATIONS
@@ -103,6 +103,9 @@ class DataConfig:
     # Where a folder's index (its scan and header checks, built once) goes when the folder itself
     # cannot be written; null: ~/.cache/nfnet-lightning/folder-index.
     index_dir: Optional[str] = setting(None, Text("(~/.cache/nfnet-lightning/folder-index)", "a folder"))
+    # data=streaming from an object store (s3://, gs://, azure://): where LitData keeps the index and
+    # the bytes it fetched; null: $LITDATA_CACHE_DIR, else ~/.lightning/chunks.
+    cache_dir: Optional[str] = setting(None, Text("(LitData's cache: $LITDATA_CACHE_DIR or ~/.lightning/chunks)", "a folder"))
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -254,8 +257,39 @@ class ExportConfig(WeightsConfig):
     hub: HubConfig = field(default_factory=HubConfig)
 
 
+def _data_setting(key: str) -> Any:
+    """A data field that pack.py shares (the split of one folder, the bad-file limit), with its
+    default and constraint from DataConfig: one home."""
+    shared = DataConfig.__dataclass_fields__[key]
+    return setting(shared.default, shared.metadata["constraint"])
+
+
+@dataclass
+class PackConfig:
+    """`python pack.py`: an image folder or ILSVRC-2012 -> LitData shards for data=streaming."""
+
+    paths: Any = None
+    task_name: str = setting("pack", Text())
+    source: str = setting(MISSING, Choice(PACK_SOURCES))
+    root: str = setting(MISSING, Text(what="the folder to pack"))
+    output_dir: str = setting(MISSING, Text(what="the folder the shards are written to"))
+    # source=imagefolder: the validation split is data=imagefolder's, so both train on the same files.
+    val_fraction: Real = _data_setting("val_fraction")
+    split_seed: int = _data_setting("split_seed")
+    follow_links: bool = _data_setting("follow_links")
+    max_bad_fraction: Real = _data_setting("max_bad_fraction")
+    # source=imagenet with one flat val/ folder: its ground truth (LOC_val_solution.csv or the devkit's
+    # ILSVRC2012_validation_ground_truth.txt); null: looked for where a download keeps it.
+    imagenet_val_labels: Optional[str] = setting(None, Text("(found in the dataset's folders)", "a ground-truth file"))
+    # Processes that read and decode-check the files (the writer is one more).
+    workers: int = setting(4, Integer(note=" (processes reading the files)"))
+    # LitData's chunk size; tens of MiB stream well from object stores.
+    chunk_mb: int = setting(64, Integer(note=" (MiB per chunk file)"))
+    progress: bool = setting(True, Flag())
+
+
 GROUPS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
-ENTRIES = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "export": ExportConfig}
+ENTRIES = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "export": ExportConfig, "pack": PackConfig}
 
 
 def _variant_field(name: str, key: str):

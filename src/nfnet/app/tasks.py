@@ -22,6 +22,7 @@ from nfnet.app.checks import check_config
 from nfnet.app.inference_tasks import evaluate, export, predict
 from nfnet.app.loggers import build_loggers, loggable_config
 from nfnet.app.machine import per_device_batch_size, world_size
+from nfnet.app.pack_task import pack
 from nfnet.app.reports import print_config, write_json
 from nfnet.app.values import refused_file_error
 from nfnet.app.runs import in_multirun
@@ -208,4 +209,4 @@ def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
-TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export}
+TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "pack": pack}

@@ -75,6 +75,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         data, keys = self.hparams.data, self.index_keys
+        if data["source"] == "streaming":
+            self._setup_streaming(data)
+            return
         if self.trainer is not None:
             # Every rank reads the indexes global rank 0 prepared, by key: no rank walks the tree.
             keys = self.trainer.strategy.broadcast(keys)
@@ -95,6 +98,14 @@ class ImageDataModule(pl.LightningDataModule):
             found.val, self.classes, ResizeCropEval(data["test_size"], pad=data["eval_pad"]),
             max_bad_fraction=data["max_bad_fraction"], name="val", known_bad=found.bad,
         )
+
+    def _setup_streaming(self, data) -> None:
+        # Shards need no index and no walk: each rank reads the pack's metadata and then only
+        # the examples its sampler deals it, by index (nfnet.data.shards).
+        info = sources.pack_info(data)
+        self.classes = info.classes
+        self.train_set = sources.packed_split(data, info, "train", self._train_transform())
+        self.val_set = sources.packed_split(data, info, "val", ResizeCropEval(data["test_size"], pad=data["eval_pad"]))
 
     # ----------------------------------------------------------------- transforms
     def _train_transform(self):

@@ -52,8 +52,8 @@ from nfnet.data.folder_split import (
 
 __all__ = [
     "IMAGE_EXTENSIONS", "EmptyClassFolder", "FolderIndex", "ImageFolderDataset", "ManifestRow", "TooManyBadFiles",
-    "build_index", "decode_rgb", "load_index", "load_rgb", "relative_paths", "scan_image_folder", "seeded_split",
-    "split_manifest", "write_file_list", "write_manifest",
+    "build_index", "decode_rgb", "decoder_message", "load_index", "load_rgb", "relative_paths", "scan_image_folder",
+    "seeded_split", "split_manifest", "write_file_list", "write_manifest",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,13 @@ def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
     if img.dtype != torch.uint8:  # 16-bit PNG
         img = F.to_dtype(img, torch.uint8, scale=True)
     return img
+
+
+def decoder_message(error: Exception) -> str:
+    """A decoder's error in one line, for naming a bad file."""
+    text = str(error).splitlines()[-1] if str(error) else type(error).__name__
+    # torchvision prefixes its messages with "function, /path/file.cpp:line, ": drop that.
+    return re.sub(r"^[\w()]+, \S+:\d+, ", "", text)
 
 
 def load_rgb(path: str) -> torch.Tensor:
@@ -207,10 +214,7 @@ class ImageFolderDataset(Dataset):
 
     def _mark_bad(self, path: str, err: Exception) -> None:
         self._lazy_bad.add(path)
-        text = str(err).splitlines()[-1] if str(err) else type(err).__name__
-        # torchvision prefixes its messages with "function, /path/file.cpp:line, ": drop that.
-        text = re.sub(r"^[\w()]+, \S+:\d+, ", "", text)
-        reason = f"undecodable: {text}"
+        reason = f"undecodable: {decoder_message(err)}"
         self.bad_files.append((path, reason))
         msg = f"{self.name} split: skipping corrupt image file {printable(path)} ({reason}); " \
               f"{len(self.bad_files)} bad file(s) so far"

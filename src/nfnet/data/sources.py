@@ -1,5 +1,6 @@
 """Where the images of a `data` config come from, without Lightning: the embedded dataset
-generated on first use, ImageNet's train/val folders, or one folder split by a seeded fraction.
+generated on first use, ImageNet's train/val folders, one folder split by a seeded fraction, or
+the shards pack.py wrote (data=streaming: no folder at all, nfnet.data.shards).
 
 `data` is the config's data section as a mapping (nfnet.app.schema.DataConfig); the datamodule
 and the eval entry point both read their splits through here, so they always agree. Every
@@ -19,6 +20,7 @@ from typing import Any
 from nfnet.data.folder_index import FolderIndex, build_index, load_index
 from nfnet.data.folder_split import seeded_split
 from nfnet.data.shapes import ShapesSpec, ensure_shapes_dataset
+from nfnet.data.shards import PackInfo, ShardedImageDataset, read_pack_info
 
 Samples = list[tuple[str, int]]
 # Where an index goes when the data's own folder cannot be written (a read-only mount).
@@ -70,6 +72,8 @@ def prepare(data: Mapping[str, Any]) -> dict[str, str]:
     """Writes what must exist before reading: the embedded dataset and each folder's index.
     Returns the index keys by folder name."""
     generate(data)
+    if data["source"] == "streaming":
+        return {}  # shards are read by index: there is no folder to list
     follow = data.get("follow_links", True)
     return {name: build_index(path, _index_dir(data), follow_links=follow).key for name, path in folders(data).items()}
 
@@ -106,3 +110,13 @@ def val_split(data: Mapping[str, Any]) -> Splits:
         index = _read(folders(data)["val"], data, None)
         return Splits(index.classes, [], index.samples, dict(index.bad))
     return splits(data)
+
+
+def pack_info(data: Mapping[str, Any]) -> PackInfo:
+    """data=streaming: the pack's classes and split sizes (one small file, local or fetched)."""
+    return read_pack_info(root_of(data))
+
+
+def packed_split(data: Mapping[str, Any], info: PackInfo, split: str, transform) -> ShardedImageDataset:
+    """data=streaming: one split of the pack, read by index."""
+    return ShardedImageDataset(info, split, transform, cache_dir=data.get("cache_dir"))

@@ -7,7 +7,8 @@
   state are all finite; otherwise no file is written and the run stops.
 * `newest_checkpoint` is what `ckpt_path=last` and a resumed wandb run mean, and
   `find_resume_checkpoint` what `resume=true` means: the newest checkpoint of this run directory,
-  or of the newest earlier run of the same task.
+  or of the newest earlier run of the same task, counting the `hpc_ckpt_N.ckpt` that Lightning's
+  SLURM requeue writes into a run directory's root.
 * `checkpoint_bytes_estimate` / `check_disk_space`: refuse to start a run whose first
   checkpoint could not be written.
 
@@ -131,18 +132,28 @@ class FiniteCheckpoints(pl.Callback):
 
 
 # --------------------------------------------------------------------------- resume=true
-def _checkpoints_in(folder: str) -> list[str]:
-    return [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.isfile(p)]
+# Lightning's SLURM requeue (SIGUSR1, e.g. `sbatch --signal=USR1@90`) saves these into
+# trainer.default_root_dir, the run directory above its checkpoints/ folder.
+HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 
 
-def newest_checkpoint(folder: str) -> str | None:
-    """The newest `*.ckpt` of a checkpoint folder (by modification time), or None."""
-    found = _checkpoints_in(folder)
+def _checkpoints_in(checkpoint_dir: str) -> list[str]:
+    """A run's checkpoints: `<checkpoint_dir>/*.ckpt` and the requeue saves in the run directory."""
+    run_dir = os.path.dirname(os.path.abspath(checkpoint_dir))
+    found = glob.glob(os.path.join(checkpoint_dir, "*.ckpt")) + glob.glob(os.path.join(run_dir, HPC_CHECKPOINTS))
+    return [p for p in found if os.path.isfile(p)]
+
+
+def newest_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest (by modification time) of a run's checkpoints: `*.ckpt` in its checkpoint
+    folder and the `hpc_ckpt_N.ckpt` that a SLURM requeue wrote into the run directory; or None."""
+    found = _checkpoints_in(checkpoint_dir)
     return max(found, key=os.path.getmtime) if found else None
 
 
 def find_resume_checkpoint(checkpoint_dir: str, runs_root: str | None = None) -> str | None:
-    """The newest `*.ckpt` (by modification time) of this run, else of the newest earlier run.
+    """The newest checkpoint (by modification time) of this run, else of the newest earlier run;
+    a run's checkpoints are those of :func:`newest_checkpoint`, SLURM's requeue saves included.
 
     `checkpoint_dir` is `<run dir>/checkpoints`. The earlier runs are the other run directories
     in `runs_root` (Hydra's `<log_dir>/<task>/runs`), searched only when the run directory is
