@@ -143,13 +143,11 @@ def _check_run(cfg: DictConfig, this_machine: bool) -> None:
     # Checked before Hydra creates the run directory under it, so a bad path costs one line.
     check_output_dirs(cfg, this_machine)
     if this_machine:
-        if read(cfg, "data.source", None) == "shapes" and read(cfg, "data.root", None) is not None:
+        root = read(cfg, "data.root", None)
+        if read(cfg, "data.source", None) == "shapes" and root is not None and not os.path.isdir(os.path.expanduser(str(root))):
             # The embedded dataset is generated into data.root on first use.
-            reason = unwritable_reason(str(cfg.data.root))
-            require(
-                reason is None or os.path.isdir(os.path.expanduser(str(cfg.data.root))),
-                f"data.root={str(cfg.data.root)!r} cannot hold the generated shapes dataset: {reason}",
-            )
+            reason = unwritable_reason(str(root))
+            require(reason is None, f"data.root={str(root)!r} cannot hold the generated shapes dataset: {reason}")
 
 
 def check_output_dirs(cfg: DictConfig, this_machine: bool = True) -> None:
