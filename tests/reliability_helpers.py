@@ -36,8 +36,9 @@ class KillAtStep(pl.Callback):
             _die()
 
 
-class KillDuringSave(pl.Callback):
-    """Makes the `nth` checkpoint write (1-based) stop halfway through the file with SIGKILL."""
+class _AtSave(pl.Callback):
+    """Replaces the `nth` checkpoint write (1-based) to an open file, and every later one, by
+    `self.fail(obj, f, save)`, where `save` is the real torch.save."""
 
     def __init__(self, nth: int = 2) -> None:
         self.nth = int(nth)
@@ -47,18 +48,39 @@ class KillDuringSave(pl.Callback):
         calls = {"n": 0}
 
         def save(obj, f, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] < self.nth or isinstance(f, (str, os.PathLike)):
+            if isinstance(f, (str, os.PathLike)):
                 return original(obj, f, *args, **kwargs)
-            buffer = io.BytesIO()
-            original(obj, buffer, *args, **kwargs)
-            data = buffer.getvalue()
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            _die()
+            calls["n"] += 1
+            if calls["n"] < self.nth:
+                return original(obj, f, *args, **kwargs)
+            return self.fail(obj, f, lambda o, target: original(o, target, *args, **kwargs))
 
         torch.save = save
+
+    def fail(self, obj, f, save) -> None:
+        raise NotImplementedError
+
+
+class KillDuringSave(_AtSave):
+    """Makes the `nth` checkpoint write stop halfway through the file with SIGKILL."""
+
+    def fail(self, obj, f, save) -> None:
+        buffer = io.BytesIO()
+        save(obj, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        _die()
+
+
+class DiskFullAtSave(_AtSave):
+    """Makes the `nth` checkpoint write, and every later one, fail as on a full disk: the bytes
+    go to /dev/full, whose writes fail with ENOSPC as a full file system's do."""
+
+    def fail(self, obj, f, save) -> None:
+        with open("/dev/full", "wb") as full:
+            save(obj, full)
 
 
 class BatchLog(pl.Callback):

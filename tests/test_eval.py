@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CONF_DIR
-from trained_run import shapes_root, trained_run
+from trained_run import data_cache, shapes_root, trained_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_eval_py_reports_the_training_time_ema_metrics_of_the_checkpoint(run_dir
     output = tmp_path / "eval.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), f"ckpt_path={run_dir}/checkpoints/last.ckpt", "num_workers=0",
-         f"output={output}", f"paths.log_dir={tmp_path}"],
+         f"output={output}", f"paths.log_dir={tmp_path}", f"paths.data_dir={data_cache(run_dir)}"],
         capture_output=True, text=True, timeout=600, env={**os.environ},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,7 +59,8 @@ def test_raw_weights_on_request_match_the_training_time_raw_metrics(run_dir, tmp
     from nfnet.app import tasks
 
     trained = json.loads((run_dir / "metrics.json").read_text())
-    cfg = _eval_cfg([f"ckpt_path={run_dir}/checkpoints/last.ckpt", "weights=raw", f"output={tmp_path}/raw.json"], tmp_path)
+    cfg = _eval_cfg([f"ckpt_path={run_dir}/checkpoints/last.ckpt", "weights=raw", f"output={tmp_path}/raw.json",
+                     f"root={data_cache(run_dir)}"], tmp_path)
     report = tasks.evaluate(cfg)
     assert report["weights"] == "raw"
     assert report["top1"] == pytest.approx(trained["val/acc_top1"], abs=1e-6)
@@ -98,3 +99,33 @@ def test_a_checkpoint_for_other_classes_is_refused(run_dir, tmp_path):
     cfg = _eval_cfg([f"ckpt_path={run_dir}/checkpoints/last.ckpt", "source=imagefolder", f"root={other}"], tmp_path)
     with pytest.raises(InputError, match="2 classes"):
         tasks.evaluate(cfg)
+
+
+def test_a_checkpoint_cannot_send_eval_to_write_elsewhere(run_dir, tmp_path):
+    """The data folder a checkpoint stores is data, not an instruction: eval generates the
+    embedded dataset only in this project's cache (paths.data_dir) or where root= says, and
+    reads an image folder only from root=."""
+    from nfnet.app import tasks
+    from nfnet.errors import ConfigError
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    victim = tmp_path / "somewhere-else"
+    checkpoint["datamodule_hyper_parameters"]["data"]["root"] = str(victim)
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, crafted)
+    cache = tmp_path / "project-cache"
+    report = tasks.evaluate(_eval_cfg([f"ckpt_path={crafted}", f"paths.data_dir={cache}", "output=null"], tmp_path))
+    assert report["images"] == 80 and not victim.exists()
+    assert len(list(cache.glob("shapes-*/val/*/*.png"))) == 80
+
+    checkpoint["datamodule_hyper_parameters"]["data"]["source"] = "imagefolder"
+    torch.save(checkpoint, crafted)
+    with pytest.raises(ConfigError) as error:
+        tasks.evaluate(_eval_cfg([f"ckpt_path={crafted}", "output=null"], tmp_path))
+    assert f"was trained on data=imagefolder at {str(victim)!r}" in str(error.value)
+    assert "add root=<folder>" in str(error.value) and not victim.exists()
+
+    checkpoint["datamodule_hyper_parameters"]["data"].update(source="shapes", val_fraction=7)
+    torch.save(checkpoint, crafted)
+    with pytest.raises(ConfigError, match=r"its stored data.val_fraction=7 must be a finite number in \(0, 1\)"):
+        tasks.evaluate(_eval_cfg([f"ckpt_path={crafted}", f"paths.data_dir={cache}", "output=null"], tmp_path))

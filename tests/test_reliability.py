@@ -12,25 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from damaged_files import Exploit, write_checkpoint
 from nfnet.app import tasks
 from nfnet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Exploit:
-    """Pickles as a call to `func(*args)`: what a hostile checkpoint would run when unpickled."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
 def _hostile_checkpoint(path: Path, target: Path) -> Path:
     # A real torch zip checkpoint whose pickle would create `target`, hidden among plain values.
-    torch.save({"state_dict": {"net.w": torch.zeros(2)}, "epoch": 0, "hook": _Exploit(open, str(target), "w")}, path)
+    torch.save({"state_dict": {"net.w": torch.zeros(2)}, "epoch": 0, "hook": Exploit(open, str(target), "w")}, path)
     return path
 
 
@@ -79,7 +70,7 @@ def test_hostile_pretrained_weights_are_refused_and_run_nothing(cfg_train, tmp_p
     target = tmp_path / "created-by-the-pickle"
     evil = tmp_path / "F0_haiku.npz"  # DeepMind's format is a pickle: read by a restricted unpickler
     with open(evil, "wb") as f:
-        pickle.dump({"NFNet/~/linear": {"w": _Exploit(open, str(target), "w")}}, f)
+        pickle.dump({"NFNet/~/linear": {"w": Exploit(open, str(target), "w")}}, f)
     cfg = cfg_train([f"model.pretrained={evil}", "trainer.fast_dev_run=true", "test=false"])
     with pytest.raises(ConfigError, match="model.pretrained=.*refused"):
         tasks.train(cfg)
@@ -149,22 +140,78 @@ def test_resume_true_without_any_checkpoint_starts_fresh_and_clears_partial_writ
 
 
 def test_resume_true_picks_the_newest_checkpoint_of_the_newest_earlier_run(tmp_path):
-    from nfnet.training.checkpoints import find_resume_checkpoint
+    from nfnet.training.checkpoints import newest_whole, resume_candidates
+
+    def found(checkpoint_dir, runs_root=None):
+        return newest_whole(resume_candidates(str(checkpoint_dir), runs_root and str(runs_root)))[0]
 
     runs = tmp_path / "train" / "runs"
     for i, (run, name) in enumerate([("a", "last.ckpt"), ("b", "last-step.ckpt"), ("b", "epoch_000.ckpt")]):
-        path = runs / run / "checkpoints" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
-        os.utime(path, (1000 + i, 1000 + i))
-    (runs / "b" / "checkpoints" / "last.ckpt.tmp").write_bytes(b"partial")  # a killed save: never picked
-    os.utime(runs / "b" / "checkpoints" / "last.ckpt.tmp", (2000, 2000))
+        write_checkpoint(runs / run / "checkpoints" / name, mtime=1000 + i)
+    partial = runs / "b" / "checkpoints" / "last.ckpt.8c1d2e.tmp"  # a killed save: never picked
+    partial.write_bytes(b"partial")
+    os.utime(partial, (2000, 2000))
     new_run = runs / "c" / "checkpoints"
-    assert find_resume_checkpoint(str(new_run), str(runs)) == str(runs / "b" / "checkpoints" / "epoch_000.ckpt")
-    assert find_resume_checkpoint(str(new_run)) is None  # a multirun job: its own directory only
-    assert find_resume_checkpoint(str(runs / "a" / "checkpoints"), str(runs)) == str(runs / "a" / "checkpoints" / "last.ckpt")
+    assert found(new_run, runs) == str(runs / "b" / "checkpoints" / "epoch_000.ckpt")
+    assert found(new_run) is None  # a multirun job: its own directory only
+    assert found(runs / "a" / "checkpoints", runs) == str(runs / "a" / "checkpoints" / "last.ckpt")
     # A run directory outside <log_dir>/<task>/runs (hydra.run.dir=...) never takes its neighbours'.
-    assert find_resume_checkpoint(str(tmp_path / "elsewhere" / "checkpoints"), str(runs)) is None
-    (tmp_path / "neighbour" / "checkpoints").mkdir(parents=True)
-    (tmp_path / "neighbour" / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    assert find_resume_checkpoint(str(tmp_path / "mine" / "checkpoints"), str(runs)) is None
+    assert found(tmp_path / "elsewhere" / "checkpoints", runs) is None
+    write_checkpoint(tmp_path / "neighbour" / "checkpoints" / "last.ckpt")
+    assert found(tmp_path / "mine" / "checkpoints", runs) is None
+
+
+# --------------------------------------------------------------------------- stops during training
+TINY_RUN = ["model.train_size=32", "model.test_size=32", "data.batch_size=4", "data.eval_batch_size=8", "test=false",
+            "trainer.max_epochs=1", "~callbacks.augmented_images", "~callbacks.rich_progress_bar"]
+
+
+def _one_stop_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("training stopped: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def _with_helpers() -> dict:
+    tests = str(Path(__file__).resolve().parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+
+
+def test_too_many_bad_images_found_while_training_stop_train_py_in_one_line(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (32, 32), (20 * i, 100 * c, 50)).save(root / name / f"{i:02d}.png")
+    for name in ("cat/03.png", "dog/07.png"):  # a PNG signature, then nothing: found only when decoded
+        (root / name).write_bytes((root / name).read_bytes()[:40])
+    run = tmp_path / "logs" / "train" / "runs" / "bad-images"
+    result = _train_py("data=imagefolder", f"data.root={root}", "data.num_workers=2", "data.val_fraction=0.25",
+                       f"hydra.run.dir={run}", *TINY_RUN, log_dir=tmp_path / "logs")
+    line = _one_stop_line(result)
+    assert line.startswith(f"training stopped: data.root={str(root)!r}: ")
+    assert "are bad images, more than data.max_bad_fraction=0.01" in line and "/0" in line and ".png (undecodable" in line
+    assert line.endswith("No checkpoint of this run had been written.")
+
+
+def test_a_full_disk_while_saving_stops_train_py_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, shapes_cache):
+    run = tmp_path / "logs" / "train" / "runs" / "disk-full"
+    checkpoints = run / "checkpoints"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "logger=none", "print_config=false", f"paths.log_dir={tmp_path / 'logs'}",
+         f"hydra.run.dir={run}", f"data.root={shapes_cache}", "data.shapes.train_per_class=24", "data.shapes.val_per_class=8",
+         "data.num_workers=0", "callbacks.step_checkpoint.every_n_train_steps=2", *TINY_RUN,
+         "+callbacks.full._target_=reliability_helpers.DiskFullAtSave", "+callbacks.full.nth=2"],
+        capture_output=True, text=True, timeout=600, env=_with_helpers(),
+    )
+    line = _one_stop_line(result)
+    # The 2nd write is last-step.ckpt at step 4, over step 2's.
+    assert line.startswith(f"training stopped: no space left on the device to write {checkpoints / 'last-step.ckpt'}: ")
+    assert "MiB is free in" in line and "the previous last-step.ckpt is kept" in line and "resume=true" in line
+    assert line.endswith(f"The newest checkpoint of this run is kept: {checkpoints / 'last-step.ckpt'}.")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last-step.ckpt"]  # no temp file left
+    assert torch.load(checkpoints / "last-step.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2

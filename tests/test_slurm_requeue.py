@@ -15,10 +15,13 @@ from pathlib import Path
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from omegaconf import open_dict
 
+from damaged_files import write_checkpoint
+
 
 def _touch(path: Path, when: int) -> Path:
+    """A whole training checkpoint at `path`, modified at `when` (resume passes over damaged ones)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x")
+    write_checkpoint(path)
     os.utime(path, (when, when))
     return path
 
@@ -29,7 +32,10 @@ def _hpc_save(run_dir: Path, when: int) -> Path:
 
 
 def test_resume_true_takes_the_newest_hpc_checkpoint_of_the_requeued_run(tmp_path):
-    from nfnet.training.checkpoints import find_resume_checkpoint
+    from nfnet.training.checkpoints import newest_whole, resume_candidates
+
+    def find_resume_checkpoint(checkpoint_dir: str, runs_root: str) -> str | None:
+        return newest_whole(resume_candidates(checkpoint_dir, runs_root))[0]
 
     runs = tmp_path / "train" / "runs"
     killed = runs / "2026-01-01_00-00-00"
@@ -46,18 +52,18 @@ def test_resume_true_takes_the_newest_hpc_checkpoint_of_the_requeued_run(tmp_pat
 
 
 def test_the_run_directory_s_own_hpc_checkpoint_counts_for_ckpt_path_last_and_resume(tmp_path):
-    from nfnet.training.checkpoints import find_resume_checkpoint, newest_checkpoint
+    from nfnet.training.checkpoints import checkpoints_in, resume_candidates
 
     run = tmp_path / "train" / "runs" / "r"
     _touch(run / "checkpoints" / "last-step.ckpt", 1000)
     hpc = _hpc_save(run, 2000)
-    assert newest_checkpoint(str(run / "checkpoints")) == str(hpc)
-    assert find_resume_checkpoint(str(run / "checkpoints"), str(tmp_path / "train" / "runs")) == str(hpc)
+    assert checkpoints_in(str(run / "checkpoints"))[0] == str(hpc)
+    assert resume_candidates(str(run / "checkpoints"), str(tmp_path / "train" / "runs"))[0] == str(hpc)
 
 
 def test_train_py_resume_true_resolves_to_the_hpc_checkpoint(cfg_train, tmp_path):
     """The config path end to end: the run directories Hydra lays out under paths.log_dir."""
-    from nfnet.app import tasks
+    from nfnet.app import resume
 
     runs = tmp_path / "train" / "runs"
     killed = runs / "2026-01-01_00-00-00"
@@ -66,4 +72,4 @@ def test_train_py_resume_true_resolves_to_the_hpc_checkpoint(cfg_train, tmp_path
     cfg = cfg_train(["resume=true"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(runs / "2026-01-01_01-00-00")
-    assert tasks._resolve_checkpoint(cfg) == str(hpc)
+    assert resume.resolve_checkpoint(cfg) == str(hpc)

@@ -22,3 +22,11 @@ class TrainingStopped(RuntimeError):
 
 class NonFiniteCheckpointError(TrainingStopped):
     """A checkpoint would have held NaN or Inf; it was not written."""
+
+
+class CheckpointWriteError(TrainingStopped):
+    """A checkpoint could not be written (the disk is full); the file it would have replaced is kept."""
+
+
+class FolderInUse(InputError):
+    """Another live process holds the lock of a run folder this run would write."""

@@ -12,12 +12,13 @@ job checks again).
 from __future__ import annotations
 
 import os
+import tempfile
 
 from omegaconf import DictConfig
 
 from nfnet.app.machine import check_trainer
 from nfnet.app.schema import ENTRIES, EXPORT_FORMATS, constrained_keys
-from nfnet.app.values import is_int, read, require
+from nfnet.app.values import Integer, is_int, read, require, shown
 from nfnet.data.shards import PACK_FILE, is_remote
 from nfnet.models import VARIANTS
 
@@ -102,7 +103,9 @@ def _has_subfolder(path: str) -> bool:
 
 
 def unwritable_reason(path: str) -> str | None:
-    """Why a folder cannot be created or written at `path` (None if it can), without creating it."""
+    """Why a folder cannot be created or written at `path` (None if it can), leaving nothing
+    behind: a folder is created and removed again in the deepest part of `path` that exists.
+    (Asking `os.access` is not enough: it says yes to root under /proc or on a read-only mount.)"""
     path = os.path.abspath(os.path.expanduser(path))
     probe = path
     while not os.path.exists(probe):
@@ -112,8 +115,10 @@ def unwritable_reason(path: str) -> str | None:
         probe = parent
     if not os.path.isdir(probe):
         return f"{probe} is a file, not a folder"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable by this user"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nfnet-write-test-", dir=probe))
+    except OSError as error:
+        return f"{probe} cannot be written ({error.strerror or error})"
     return None
 
 
@@ -168,18 +173,48 @@ def _check_run(cfg: DictConfig, this_machine: bool) -> None:
         not (resume and ckpt is not None),
         f"resume=true finds the checkpoint by itself, but ckpt_path={ckpt!r} is set too; give one of them",
     )
+    # Checked before Hydra creates the run directory under it, so a bad path costs one line.
+    check_output_dirs(cfg, this_machine)
     if this_machine:
-        # Checked before Hydra creates the run directory under it, so a bad path costs one line.
-        log_dir = read(cfg, "paths.log_dir", None)
-        reason = unwritable_reason(str(log_dir)) if log_dir is not None else None
-        require(reason is None, f"paths.log_dir={str(log_dir)!r} cannot hold the run's outputs: {reason}")
-        if read(cfg, "data.source", None) == "shapes" and read(cfg, "data.root", None) is not None:
+        root = read(cfg, "data.root", None)
+        if read(cfg, "data.source", None) == "shapes" and root is not None and not os.path.isdir(os.path.expanduser(str(root))):
             # The embedded dataset is generated into data.root on first use.
-            reason = unwritable_reason(str(cfg.data.root))
-            require(
-                reason is None or os.path.isdir(os.path.expanduser(str(cfg.data.root))),
-                f"data.root={str(cfg.data.root)!r} cannot hold the generated shapes dataset: {reason}",
-            )
+            reason = unwritable_reason(str(root))
+            require(reason is None, f"data.root={str(root)!r} cannot hold the generated shapes dataset: {reason}")
+
+
+def check_output_dirs(cfg: DictConfig, this_machine: bool = True) -> None:
+    """paths.log_dir, and Hydra's run or sweep folder when the config has its hydra node (the
+    command line's check, before Hydra creates them). A sweep's folder is created where the
+    sweep is started; its jobs' folders on the machines that run them."""
+    # The command line checks a sweep portably (not on this machine) and a single run here.
+    for key in ("paths.log_dir", "hydra.run.dir") if this_machine else ("hydra.sweep.dir",):
+        folder = read(cfg, key, None)
+        reason = unwritable_reason(str(folder)) if folder is not None else None
+        require(reason is None, f"{key}={shown(str(folder))} cannot hold the run's outputs: {reason}")
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """The checkpoint callbacks' intervals and counts: Lightning would refuse them only when it
+    builds the trainer, after the run folder and the data exist."""
+    for name, node in (read(cfg, "callbacks", None) or {}).items():
+        if not node or not str(node.get("_target_", "")).endswith("ModelCheckpoint"):
+            continue
+        for key in ("every_n_train_steps", "every_n_epochs"):
+            if key in node:
+                Integer(0, nullable=True, note=" (0 or null: never)").check(f"callbacks.{name}.{key}", node[key])
+        if "save_top_k" in node:
+            Integer(-1, note=" (-1: keep all)").check(f"callbacks.{name}.save_top_k", node["save_top_k"])
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    warmup, epochs = read(cfg, "optim.warmup_epochs"), read(cfg, "trainer.max_epochs", None)
+    if is_int(epochs) and epochs > 0:
+        require(
+            warmup <= epochs,
+            f"optim.warmup_epochs={shown(warmup)} is longer than the run (trainer.max_epochs={epochs}): the learning "
+            "rate would never reach its peak; use at most the run's length (the paper warms up 5 of 360 epochs)",
+        )
 
 
 def check_config(cfg: DictConfig, this_machine: bool = True) -> None:
@@ -190,12 +225,15 @@ def check_config(cfg: DictConfig, this_machine: bool = True) -> None:
     _check_decode(cfg)
     _check_ra_level(cfg)
     check_trainer(cfg, this_machine)
+    _check_schedule(cfg)
+    _check_callbacks(cfg)
     _check_run(cfg, this_machine)
 
 
 # --------------------------------------------------------------------------- eval, predict, export
 def _check_weights_source(cfg: DictConfig, entry: str, this_machine: bool) -> None:
     check_schema_values(cfg, entry)
+    check_output_dirs(cfg, this_machine)
     ckpt, pretrained = read(cfg, "ckpt_path", None), read(cfg, "pretrained", None)
     require(
         (ckpt is None) != (pretrained is None),

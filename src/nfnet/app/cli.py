@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from nfnet.app.checks import CHECKS
 from nfnet.app.runs import in_multirun
 from nfnet.app.schema import ENTRIES, constraint_at, register
+from nfnet.app.values import shown
 from nfnet.errors import ConfigError, InputError, TrainingStopped
 
 # A sweep is checked job by job up to this many jobs; beyond that the first ones stand for all.
@@ -134,12 +135,19 @@ def _parse(overrides: list[str]):
 
     try:
         return OverridesParser.create().parse_overrides(overrides)
+    except ValueError as error:
+        # Python refuses to read an integer of more than sys.get_int_max_str_digits() digits.
+        bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
+        raise ConfigError(
+            f"{shown(bad)}: {bad.split('=', 1)[0]} is given a number too long to read; no setting takes one of more "
+            f"than {sys.get_int_max_str_digits()} digits"
+        ) from None
     except OverrideParseException as error:
         bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
         # The shell expands ~ only at the start of a word, and `key=~/x` does not start with it.
         home = "; Hydra does not expand ~, write $HOME/ instead" if "=~" in bad else ""
         raise ConfigError(
-            f"cannot parse the override {bad!r}: {_first_line(error)}{home} "
+            f"cannot parse the override {shown(bad)}: {_first_line(error)}{home} "
             "(grammar: https://hydra.cc/docs/1.3/advanced/override_grammar/basic/)"
         ) from None
 
@@ -150,7 +158,7 @@ def _unparsable(override: str) -> bool:
 
     try:
         OverridesParser.create().parse_overrides([override])
-    except OverrideParseException:
+    except (OverrideParseException, ValueError):
         return True
     return False
 

@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from nfnet.app.checks import check_eval_config, check_export_config, check_predict_config, export_formats
 from nfnet.app.reports import print_table, write_json
-from nfnet.app.schema import DataConfig, OptimConfig
-from nfnet.app.values import refused_file_error
-from nfnet.errors import ConfigError
+from nfnet.app.schema import DataConfig, OptimConfig, constraint_at
+from nfnet.app.values import input_error, refused_file_error
+from nfnet.errors import ConfigError, InputError
 from nfnet.inference.classifier import Classifier, from_checkpoint, from_pretrained
 from nfnet.inference.evaluation import eval_dataset
 from nfnet.inference.export import export_classifier
@@ -38,21 +38,55 @@ def load_classifier(cfg: DictConfig) -> Classifier:
         return from_pretrained(str(cfg.pretrained), cfg.model_name, cfg.get("class_names"), cfg.image_size, cfg.eval_pad)
     except pickle.UnpicklingError as error:
         raise refused_file_error(key, cfg[key], error) from None
-    except (FileNotFoundError, ValueError) as error:  # a Hub id not in the cache, weights that do not fit
-        raise ConfigError(f"{key}={str(cfg[key])!r}: {error}") from None
+    except InputError as error:
+        raise input_error(key, cfg[key], error) from None
+
+
+# What eval takes over from the data a checkpoint was trained on, to rebuild the same split: values
+# only, each held to its schema constraint. Folders never come from a checkpoint (a crafted one
+# could name any place, and eval writes there: the embedded dataset, a folder index).
+STORED_DATA = ("source", "val_fraction", "split_seed", "max_bad_fraction", "follow_links")
 
 
 def _eval_data(cfg: DictConfig, classifier: Classifier) -> dict[str, Any]:
-    """The data to evaluate on: the checkpoint's own unless `source`/`root` say otherwise; the
+    """The data to evaluate on: the source and split the checkpoint was trained on, in the folder
+    the command line names (`root=`), or for the embedded dataset in this project's cache; the
     schema's defaults fill what pretrained weights cannot carry (the val fraction, ...)."""
     defaults = {k: v for k, v in vars(DataConfig()).items() if not (isinstance(v, str) and v.startswith("${"))}
-    data = {**defaults, "shapes": vars(DataConfig().shapes), **(classifier.data_hparams.get("data") or {})}
-    for key in ("source", "root"):
-        if cfg.get(key) is not None:
-            data[key] = os.path.expanduser(str(cfg[key]))
-    if data.get("root") is None:
+    data = {**defaults, "shapes": vars(DataConfig().shapes)}
+    stored = classifier.data_hparams.get("data") or {}
+    for key in STORED_DATA:
+        if key in stored:
+            data[key] = _stored(cfg, key, stored[key])
+    data["shapes"] = {k: _stored(cfg, f"shapes.{k}", v) for k, v in {**data["shapes"], **(stored.get("shapes") or {})}.items()
+                      if k in data["shapes"]}
+    if cfg.get("source") is not None:
+        data["source"] = cfg.source
+    if cfg.get("root") is not None:
+        data["root"] = os.path.expanduser(str(cfg.root))
+    elif not stored:
         raise ConfigError("pretrained weights carry no dataset: give source=imagenet|imagefolder and root=<folder>")
+    elif data["source"] == "shapes":
+        data["root"] = os.path.expanduser(str(cfg.paths.data_dir))
+        if stored.get("root") is not None and os.path.abspath(str(stored["root"])) != os.path.abspath(data["root"]):
+            log.info("the checkpoint's embedded dataset was cached in %s; eval uses this project's cache, %s "
+                     "(root=<folder> to choose another)", stored["root"], data["root"])
+    else:
+        raise ConfigError(
+            f"source={data['source']} is read only from a folder the command line names, never from one a checkpoint "
+            f"names: add root=<folder> (ckpt_path={str(cfg.ckpt_path)!r} was trained on data={stored.get('source')} "
+            f"at {str(stored.get('root'))!r})"
+        )
     return {**data, "num_workers": 0, "persistent_workers": False}
+
+
+def _stored(cfg: DictConfig, key: str, value: Any) -> Any:
+    """A data value read from the checkpoint, checked as the command line's would be."""
+    constraint = constraint_at(DataConfig, key)
+    if constraint is not None and not constraint.ok(value):
+        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r}: its stored {constraint.message(f'data.{key}', value)}; "
+                          "the checkpoint is damaged or was not written by train.py")
+    return value
 
 
 def _evaluation_module(classifier: Classifier) -> NFNetClassifier:

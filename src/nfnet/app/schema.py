@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
 
-from nfnet.app.values import Choice, Constraint, Flag, Integer, Number, Text
+from nfnet.app.values import Choice, Constraint, Flag, Integer, Name, Number, Text
 from nfnet.data.options import AUGMENTS, PACK_SOURCES, SOURCES
 from nfnet.data.transforms import AREA_RANGE, CROP_PADDING
 from nfnet.models import VARIANTS, get_variant
@@ -169,7 +169,7 @@ class TrainConfig:
     paths: Any = None
     module: Any = None
     datamodule: Any = None
-    task_name: str = setting("train", Text())
+    task_name: str = setting("train", Name())
     tags: List[str] = field(default_factory=lambda: ["dev"])
     # Seeds Python, NumPy, torch and the dataloader workers; null leaves the run unseeded.
     seed: Optional[int] = setting(0, SEED)
@@ -192,7 +192,7 @@ class WeightsConfig:
     """What eval.py, predict.py and export.py load: a train.py checkpoint or pretrained weights."""
 
     paths: Any = None
-    task_name: str = setting(MISSING, Text())
+    task_name: str = setting(MISSING, Name())
     ckpt_path: Optional[str] = setting(None, Text("(then pretrained= names the weights)", "a checkpoint file"))
     # DeepMind *_haiku.npz, timm dm_nfnet_*, safetensors, with the variant's name in model_name.
     pretrained: Optional[str] = setting(None, Text("(then ckpt_path= names the weights)", "a weights file"))

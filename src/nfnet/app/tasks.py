@@ -24,17 +24,16 @@ from nfnet.app.loggers import build_loggers, loggable_config
 from nfnet.app.machine import per_device_batch_size, world_size
 from nfnet.app.pack_task import pack
 from nfnet.app.reports import print_config, write_json
-from nfnet.app.values import refused_file_error
+from nfnet.app.resume import resolve_checkpoint, run_lock, stops
+from nfnet.app.values import input_error, refused_file_error
 from nfnet.app.runs import in_multirun
 from nfnet.data.datamodule import ImageDataModule
-from nfnet.errors import ConfigError, TrainingStopped
+from nfnet.errors import ConfigError, InputError, TrainingStopped
 from nfnet.training.callbacks import EpochLength, StepSeed
 from nfnet.training.checkpoints import (
     AtomicCheckpointIO,
     check_disk_space,
     checkpoint_bytes_estimate,
-    find_resume_checkpoint,
-    newest_checkpoint,
     remove_stale_temp_files,
 )
 from nfnet.training.loggers import WandbRunInCheckpoint, continue_csv_files, finish_loggers, is_wandb
@@ -70,26 +69,6 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
     if not section:
         return []
     return [hydra.utils.instantiate(node) for node in section.values() if node and "_target_" in node]
-
-
-def _checkpoint_dir(cfg: DictConfig) -> str:
-    node = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-    return str(node.get("dirpath") or os.path.join(str(cfg.paths.output_dir), "checkpoints"))
-
-
-def _resolve_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint this run starts from: `ckpt_path` as given, `last` as this run directory's
-    newest, or what `resume=true` finds (this run directory's newest, else the newest earlier run
-    of the task; a multirun job's siblings are other jobs of its sweep, not earlier runs of it)."""
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path == "last":
-        return newest_checkpoint(_checkpoint_dir(cfg)) or ckpt_path
-    if not cfg.get("resume"):
-        return ckpt_path
-    runs_root = None if in_multirun() else os.path.join(str(cfg.paths.log_dir), str(cfg.task_name), "runs")
-    path = find_resume_checkpoint(_checkpoint_dir(cfg), runs_root)
-    log.info("resume=true: resuming from %s", path) if path else log.info("resume=true: no checkpoint found, starting a new run")
-    return path
 
 
 def _setup_data(cfg: DictConfig) -> ImageDataModule:
@@ -152,21 +131,27 @@ def _fit(cfg: DictConfig, trainer: pl.Trainer, module: NFNetClassifier, datamodu
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; returns the logged metrics and the best checkpoint.
 
-    The metrics are also written to `<run dir>/metrics.json`, one file per job of a sweep.
+    The metrics are also written to `<run dir>/metrics.json`, one file per job of a sweep. The
+    run folder is held against a second live process for the whole run (nfnet.app.resume).
     """
     check_config(cfg)
+    with run_lock(cfg), stops(cfg):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.print_config:
         print_config(cfg)
     if cfg.seed is not None:  # `is not None`: seed=0 is a seed too
         pl.seed_everything(cfg.seed, workers=True)
-    ckpt_path = _resolve_checkpoint(cfg)
+    ckpt_path = resolve_checkpoint(cfg)
     datamodule = _setup_data(cfg)
     try:
         module = build_module(cfg, datamodule.num_classes, datamodule.classes)
     except pickle.UnpicklingError as error:  # model.pretrained: the loaders refuse pickled code
         raise refused_file_error("model.pretrained", cfg.model.pretrained, error) from None
-    except (FileNotFoundError, ValueError) as error:  # a Hub id not in the cache, weights of another variant
-        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {error}") from None
+    except InputError as error:  # model.pretrained: damaged, or not weights of this model
+        raise input_error("model.pretrained", cfg.model.pretrained, error) from None
     # EpochLength first, so that the progress bar reads each epoch's own length; StepSeed makes
     # dropout/stochastic-depth masks a function of (seed, epoch, batch): the same after a resume.
     callbacks = [EpochLength(), *_instantiate_all(cfg.get("callbacks")), StepSeed(cfg.seed)]

@@ -10,6 +10,8 @@ integer): nfnet.app.cli asks the same constraint for the message.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,22 @@ def refused_file_error(key: str, path: Any, error: Exception) -> ConfigError:
     )
 
 
+def input_error(key: str, value: Any, error: Exception) -> ConfigError:
+    """The one line for a file given as `key` that a lower floor found unusable (InputError)."""
+    path = os.path.expanduser(str(value))
+    return ConfigError(f"{key}={str(value)!r}: {str(error).removeprefix(path).removeprefix(': ').lstrip()}")
+
+
+# Longer values are cut in messages: the line must stay one line a person reads.
+SHOWN_CHARACTERS = 60
+
+
+def shown(value: Any) -> str:
+    """`repr(value)`, cut to its start and length when it is long (a 5,000-digit number)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS - 20]}... ({len(text)} characters)"
+
+
 # --------------------------------------------------------------------------- constraints
 class Constraint:
     """What a config value must be. `check` raises ConfigError with the one line; `message` is
@@ -72,7 +90,7 @@ class Constraint:
         raise NotImplementedError
 
     def message(self, key: str, value: Any) -> str:
-        return f"{key}={value!r} {self.allowed()}"
+        return f"{key}={shown(value)} {self.allowed()}"
 
     def check(self, key: str, value: Any) -> Any:
         require(self.ok(value), self.message(key, value))
@@ -110,7 +128,7 @@ class Number(Constraint):
     def ok(self, value: Any) -> bool:
         if value is None:
             return bool(self.nullable)
-        if not is_number(value):
+        if not is_number(value) or not math.isfinite(value):
             return False
         if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
             return False
@@ -127,7 +145,7 @@ class Number(Constraint):
         else:
             bounds = "(any)"
         null = f", or null {self.nullable}" if self.nullable else ""
-        return f"must be a number {bounds}{self.note}{null}"
+        return f"must be a finite number {bounds}{self.note}{null}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,22 @@ class Text(Constraint):
 
     def allowed(self) -> str:
         return f"must be {self.what}{f', or null {self.nullable}' if self.nullable else ''}"
+
+
+@dataclass(frozen=True)
+class Name(Constraint):
+    """A name that becomes one folder or file name (the task's run folder, its log file): never a
+    path that leads elsewhere (`../x`), and short enough for any file system."""
+
+    max_length: int = 100
+
+    def ok(self, value: Any) -> bool:
+        return (isinstance(value, str) and 0 < len(value) <= self.max_length and value not in (".", "..")
+                and not any(c in value for c in "/\\\0"))
+
+    def allowed(self) -> str:
+        return (f"must be a name of 1 to {self.max_length} characters without / or \\, not . or .. "
+                "(it names the run's folder and log file)")
 
 
 # --------------------------------------------------------------------------- readers

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from nfnet.errors import InputError
+from nfnet.inference.torch_files import load_torch_file
 
 NET_PREFIX = "net."
 EMA_PREFIX = "ema_net."
@@ -26,14 +27,21 @@ WEIGHT_SETS = {"raw": NET_PREFIX, "ema": EMA_PREFIX}
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's contents (tensors on the CPU), its hyperparameters in today's layout.
 
-    Raises pickle.UnpicklingError for a file that would run code."""
-    checkpoint = torch.load(os.path.expanduser(os.fspath(path)), map_location="cpu", weights_only=True)
+    Raises pickle.UnpicklingError for a file that would run code, InputError for one that is
+    damaged or not a train.py checkpoint."""
+    checkpoint = load_torch_file(path)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise InputError(f"{os.fspath(path)} is not a checkpoint written by train.py (no state_dict and hyper_parameters)")
     checkpoint = dict(checkpoint)
-    checkpoint["hyper_parameters"] = _module_hparams(dict(checkpoint["hyper_parameters"]))
-    if checkpoint.get("datamodule_hyper_parameters"):
-        checkpoint["datamodule_hyper_parameters"] = _datamodule_hparams(dict(checkpoint["datamodule_hyper_parameters"]))
+    try:
+        checkpoint["hyper_parameters"] = _module_hparams(dict(checkpoint["hyper_parameters"]))
+        if checkpoint.get("datamodule_hyper_parameters"):
+            checkpoint["datamodule_hyper_parameters"] = _datamodule_hparams(dict(checkpoint["datamodule_hyper_parameters"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise InputError(f"{os.fspath(path)}: its hyperparameters are not those of a train.py checkpoint "
+                         f"({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint["hyper_parameters"].get("model"), Mapping):
+        raise InputError(f"{os.fspath(path)}: its hyperparameters hold no model section")
     return checkpoint
 
 

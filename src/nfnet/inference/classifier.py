@@ -19,8 +19,10 @@ from nfnet.data.transforms import CROP_PADDING
 from nfnet.errors import InputError
 from nfnet.inference.checkpoint import read_checkpoint, weights
 from nfnet.inference.weights import read_any_weights
-from nfnet.models import create_model, get_variant
+from nfnet.models import VARIANTS, create_model, get_variant
+from nfnet.models.matching import describe, shape_mismatches
 from nfnet.models.nfnet import NFNet
+from nfnet.models.pretrained import fit_state_dict
 
 # The architecture keys of a checkpoint's `model` section (the rest train it or feed it).
 ARCHITECTURE = ("drop_rate", "stochdepth_rate", "activation", "gelu_approximate")
@@ -65,14 +67,33 @@ def from_checkpoint(path: str, which: str = "ema", image_size: int | None = None
     if not state:
         raise InputError(f"{path} holds no EMA weights (trained with optim.ema.decay=null); use weights=raw")
     model = hparams["model"]
+    # The stored values are data from a file: checked before they size anything.
+    if model.get("name") not in VARIANTS:
+        raise InputError(f"{path}: its model name {model.get('name')!r} is not a known NFNet")
     kwargs = {k: model[k] for k in ARCHITECTURE if k in model}
-    net = create_model(model["name"], num_classes=hparams["num_classes"], **kwargs)
+    head = state.get("classifier.weight")
+    if not isinstance(head, torch.Tensor) or head.dim() != 2 or head.shape[0] != hparams.get("num_classes"):
+        raise InputError(f"{path}: its {which} weights have no classifier for its {hparams.get('num_classes')!r} classes")
+    try:
+        net = create_model(model["name"], num_classes=head.shape[0], **kwargs)
+    except (TypeError, ValueError, KeyError) as error:
+        raise InputError(f"{path}: its model settings {kwargs} cannot build {model['name']} ({error})") from None
+    problems = shape_mismatches({k: v.shape for k, v in net.state_dict().items()}, state)
+    if problems:
+        raise InputError(f"{path}: its {which} weights do not fit {model['name']}: {describe(problems)}")
     net.load_state_dict(state)
-    names = [str(n) for n in (hparams.get("class_names") or range(hparams["num_classes"]))]
+    names = [str(n) for n in (hparams.get("class_names") or range(head.shape[0]))]
     data = data_hparams.get("data") or {}
     size = image_size or data.get("test_size") or get_variant(model["name"]).test_size
     pad = eval_pad if eval_pad is not None else data.get("eval_pad", CROP_PADDING)
+    if not (is_count(size, 1) and is_count(pad, 0)) or len(names) != head.shape[0]:
+        raise InputError(f"{path}: its stored test size {size!r}, eval padding {pad!r} or {len(names)} class names "
+                         f"do not describe {head.shape[0]} classes at a size of at least 1 pixel")
     return Classifier(net.eval(), model["name"], names, int(size), int(pad), which, path, kwargs, data_hparams)
+
+
+def is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def from_pretrained(path: str, model_name: str, class_names_file: str | None = None,
@@ -80,9 +101,11 @@ def from_pretrained(path: str, model_name: str, class_names_file: str | None = N
     """Converted pretrained weights of the variant `model_name` (DeepMind, timm, safetensors)."""
     path = os.path.expanduser(path)
     state = read_any_weights(path)
-    num_classes = state["classifier.weight"].shape[0]
-    net = create_model(model_name, num_classes=num_classes)
-    net.load_state_dict(state)
+    head = state.get("classifier.weight")
+    if not isinstance(head, torch.Tensor) or head.dim() != 2:
+        raise InputError(f"{path} has no classifier.weight matrix: these are not the weights of an NFNet classifier")
+    num_classes = head.shape[0]
+    net = fit_state_dict(create_model(model_name, num_classes=num_classes), state, path)
     names = class_names(class_names_file, num_classes)
     size = image_size or get_variant(model_name).test_size
     pad = eval_pad if eval_pad is not None else CROP_PADDING

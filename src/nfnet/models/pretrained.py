@@ -16,6 +16,8 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from nfnet.errors import InputError
+
 from .haiku import load_haiku_checkpoint
 from .matching import describe, infer_variant, shape_mismatches
 from .nfnet import NFNet
@@ -96,6 +98,6 @@ def fit_state_dict(model: NFNet, state_dict: Mapping[str, torch.Tensor], source:
                  "re-initialised the classifier", source, ckpt_head.shape[0], model.num_classes)
     problems = shape_mismatches(expected, state_dict)
     if problems:
-        raise ValueError(f"{source} does not fit {model.variant.name}: {describe(problems)}")
+        raise InputError(f"{source} does not fit {model.variant.name}: {describe(problems)}")
     model.load_state_dict(state_dict, strict=False)
     return model

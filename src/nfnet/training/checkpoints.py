@@ -1,14 +1,16 @@
 """Checkpoints that survive a kill, never hold NaN, and load without running code.
 
-* `AtomicCheckpointIO` writes `<path>.tmp`, fsyncs it, renames it over `<path>` and fsyncs the
-  folder: a process killed while saving (preemption, OOM killer, Ctrl-C twice) leaves the
-  previous checkpoint whole, never a truncated file that a resume would choke on.
+* `AtomicCheckpointIO` writes each checkpoint to a temp file of its own (`<name>.<random>.tmp`),
+  fsyncs it, renames it over `<name>` and fsyncs the folder: a process killed while saving
+  (preemption, OOM killer, Ctrl-C twice) leaves the previous checkpoint whole, and two processes
+  saving the same name never write into one file. A full disk stops the run with one line
+  (CheckpointWriteError), the previous file kept.
 * `FiniteCheckpoints` checks before any checkpoint is written that weights, EMA and optimizer
   state are all finite; otherwise no file is written and the run stops.
-* `newest_checkpoint` is what `ckpt_path=last` and a resumed wandb run mean, and
-  `find_resume_checkpoint` what `resume=true` means: the newest checkpoint of this run directory,
-  or of the newest earlier run of the same task, counting the `hpc_ckpt_N.ckpt` that Lightning's
-  SLURM requeue writes into a run directory's root.
+* `newest_whole` is what `ckpt_path=last` and `resume=true` take among the candidates
+  `checkpoints_in` / `resume_candidates` list: the newest checkpoint that is whole (not cut short,
+  not missing a record, holding the full training state), passing over damaged ones. A run's
+  checkpoints include the `hpc_ckpt_N.ckpt` that Lightning's SLURM requeue writes into its root.
 * `checkpoint_bytes_estimate` / `check_disk_space`: refuse to start a run whose first
   checkpoint could not be written.
 
@@ -19,9 +21,12 @@ primitives is refused before any of it runs.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
+import pickle
+import secrets
 import shutil
 from typing import Any
 
@@ -29,7 +34,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from nfnet.errors import NonFiniteCheckpointError
+from nfnet.errors import CheckpointWriteError, NonFiniteCheckpointError
+from nfnet.inference.torch_files import TRAINING_STATE, damage
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +56,65 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to `path` atomically: a reader sees the old file or the new one, never a part."""
+    """torch.save to `path` atomically: a reader sees the old file or the new one, never a part,
+    whatever other processes save to the same path meanwhile.
+
+    Raises CheckpointWriteError when the disk (or the quota) is full; the old file is kept."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = path + TMP_SUFFIX
+    # A name of its own per write: two writers of one path (a requeued copy of a job, a restart
+    # whose predecessor still runs) would otherwise write into, and rename away, each other's file.
+    # Not mkstemp: its 0600 mode would outlive the rename, and the umask's is what users expect.
+    tmp = f"{path}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         # A failed write (disk full, a refused object) must not leave a stray temp file behind.
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _out_of_space(error):
+            raise CheckpointWriteError(_no_space_message(path, obj)) from None
         raise
     _fsync_dir(folder)
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    # torch.save reports a failed write as the OSError itself or as a RuntimeError raised while
+    # handling it; either way the OSError is in the chain.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _no_space_message(path: str, obj: Any) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    free = free_bytes(folder)
+    mb = 1024 * 1024
+    kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else \
+        f"no earlier {os.path.basename(path)} existed"
+    return (
+        f"no space left on the device to write {path}: it needs about {_tensor_bytes(obj) / mb:.0f} MiB, "
+        f"{'an unknown amount' if free is None else f'{free / mb:.0f} MiB'} is free in {folder}; {kept}. "
+        "Free some space (or point paths.log_dir elsewhere), then continue with resume=true"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -119,7 +167,7 @@ def check_finite(checkpoint: dict[str, Any], where: str = "checkpoint") -> None:
     if bad:
         raise NonFiniteCheckpointError(
             f"refusing to write a {where} with non-finite values (NaN/Inf in {', '.join(bad)}); "
-            "the previous checkpoint is kept. Lower the learning rate or check the data."
+            "nothing was written. Lower the learning rate or check the data."
         )
 
 
@@ -137,48 +185,62 @@ class FiniteCheckpoints(pl.Callback):
 HPC_CHECKPOINTS = "hpc_ckpt_*.ckpt"
 
 
-def _checkpoints_in(checkpoint_dir: str) -> list[str]:
-    """A run's checkpoints: `<checkpoint_dir>/*.ckpt` and the requeue saves in the run directory."""
+def checkpoints_in(checkpoint_dir: str) -> list[str]:
+    """A run's checkpoints, newest (by modification time) first: the `*.ckpt` files of its
+    checkpoint folder and the `hpc_ckpt_N.ckpt` a SLURM requeue wrote into the run directory."""
     run_dir = os.path.dirname(os.path.abspath(checkpoint_dir))
-    found = glob.glob(os.path.join(checkpoint_dir, "*.ckpt")) + glob.glob(os.path.join(run_dir, HPC_CHECKPOINTS))
-    return [p for p in found if os.path.isfile(p)]
+    found = glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.ckpt"))
+    found += glob.glob(os.path.join(glob.escape(run_dir), HPC_CHECKPOINTS))
+    return sorted((p for p in found if os.path.isfile(p)), key=os.path.getmtime, reverse=True)
 
 
-def newest_checkpoint(checkpoint_dir: str) -> str | None:
-    """The newest (by modification time) of a run's checkpoints: `*.ckpt` in its checkpoint
-    folder and the `hpc_ckpt_N.ckpt` that a SLURM requeue wrote into the run directory; or None."""
-    found = _checkpoints_in(checkpoint_dir)
-    return max(found, key=os.path.getmtime) if found else None
-
-
-def find_resume_checkpoint(checkpoint_dir: str, runs_root: str | None = None) -> str | None:
-    """The newest checkpoint (by modification time) of this run, else of the newest earlier run;
-    a run's checkpoints are those of :func:`newest_checkpoint`, SLURM's requeue saves included.
+def resume_candidates(checkpoint_dir: str, runs_root: str | None = None) -> list[str]:
+    """What `resume=true` may continue from, best first: this run's checkpoints, newest first,
+    then those of the earlier runs of the same task, newest first.
 
     `checkpoint_dir` is `<run dir>/checkpoints`. The earlier runs are the other run directories
     in `runs_root` (Hydra's `<log_dir>/<task>/runs`), searched only when the run directory is
     one of them: a run placed elsewhere (`hydra.run.dir=...`) must not pick up whatever
-    checkpoints happen to lie beside it. Temp files of interrupted saves (`*.ckpt.tmp`) are
-    never picked.
+    checkpoints happen to lie beside it. Temp files of interrupted saves are never candidates.
     """
-    own = newest_checkpoint(checkpoint_dir)
-    if own:
-        return own
+    own = checkpoints_in(checkpoint_dir)
     run_dir = os.path.dirname(os.path.abspath(checkpoint_dir))
     parent = os.path.dirname(run_dir)
     if runs_root is None or parent != os.path.abspath(runs_root):
-        return None
-    found: list[str] = []
-    for sibling in glob.glob(os.path.join(parent, "*")):
+        return own
+    earlier: list[str] = []
+    for sibling in glob.glob(os.path.join(glob.escape(parent), "*")):
         if os.path.abspath(sibling) != run_dir and os.path.isdir(sibling):
-            found += _checkpoints_in(os.path.join(sibling, os.path.basename(checkpoint_dir)))
-    return max(found, key=os.path.getmtime) if found else None
+            earlier += checkpoints_in(os.path.join(sibling, os.path.basename(checkpoint_dir)))
+    return own + sorted(earlier, key=os.path.getmtime, reverse=True)
+
+
+def checkpoint_damage(path: str) -> str | None:
+    """Why `path` cannot continue a run (cut short, a record missing, not the full training
+    state, a pickle that would run code), or None when it can. Reads no tensor data."""
+    try:
+        return damage(path, TRAINING_STATE)
+    except pickle.UnpicklingError:
+        return "was refused: loading it would run code from the file"
+
+
+def newest_whole(candidates: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """The first candidate that is a whole training checkpoint, and the (path, why) of each
+    damaged one passed over on the way."""
+    passed: list[tuple[str, str]] = []
+    for path in candidates:
+        why = checkpoint_damage(path)
+        if why is None:
+            return path, passed
+        passed.append((path, why))
+    return None, passed
 
 
 def remove_stale_temp_files(checkpoint_dir: str) -> list[str]:
-    """Delete `*.ckpt.tmp` left by a save that was killed; returns what was removed."""
+    """Delete the temp files (`*.ckpt.<random>.tmp`, and the `*.ckpt.tmp` of earlier versions) of
+    saves that were killed; returns what was removed. Only for a folder no live run writes."""
     removed = []
-    for path in glob.glob(os.path.join(checkpoint_dir, "*" + TMP_SUFFIX)):
+    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.ckpt*" + TMP_SUFFIX)):
         try:
             os.remove(path)
             removed.append(path)

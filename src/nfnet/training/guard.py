@@ -62,8 +62,8 @@ class NonFiniteGuard(pl.Callback):
         if self.max_consecutive is not None and consecutive >= self.max_consecutive:
             raise TrainingStopped(
                 f"{message}: stopping after optim.max_consecutive_skips={self.max_consecutive} consecutive "
-                "non-finite steps. The weights are those of the last good step and the last checkpoint is "
-                "kept; lower optim.base_lr, check the data, or resume from that checkpoint."
+                "non-finite steps. The weights are those of the last good step; lower optim.base_lr, check the "
+                "data, or resume from the newest checkpoint."
             )
         rank_zero_warn(message)
 
