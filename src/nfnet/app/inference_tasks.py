@@ -19,8 +19,9 @@ from nfnet.app.checks import check_eval_config, check_export_config, check_predi
 from nfnet.app.reports import print_table, write_json
 from nfnet.app.schema import DataConfig, OptimConfig
 from nfnet.app.values import refused_file_error
+from nfnet.data.workers import usable_workers
 from nfnet.errors import ConfigError
-from nfnet.inference.classifier import Classifier, from_checkpoint, from_pretrained
+from nfnet.inference.classifier import Classifier, from_checkpoint, from_pretrained, from_registry
 from nfnet.inference.evaluation import eval_dataset
 from nfnet.inference.export import export_classifier
 from nfnet.inference.predict import iter_inputs, predict_rows, write_rows
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def load_classifier(cfg: DictConfig) -> Classifier:
-    """`ckpt_path` (a train.py checkpoint; `weights` picks EMA or raw) or `pretrained` + `model_name`."""
+    """`ckpt_path` (a train.py checkpoint; `weights` picks EMA or raw), `registry` (update.py's
+    model in service, or one of its version folders) or `pretrained` + `model_name`."""
+    if cfg.get("registry"):
+        return from_registry(str(cfg.registry), cfg.image_size, cfg.eval_pad)
     key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
     try:
         if key == "ckpt_path":
@@ -68,7 +72,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
     classifier = load_classifier(cfg)
     dataset = eval_dataset(classifier, _eval_data(cfg, classifier), cfg.split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                                         num_workers=usable_workers(cfg.num_workers))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     result = trainer.test(_evaluation_module(classifier), dataloaders=loader, verbose=False)[0]
     report = {

@@ -27,6 +27,7 @@ from nfnet.data.randaugment import RandAugment
 from nfnet.data.randaugment_levels import parse_ra_level
 from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
 from nfnet.data.transforms import BasicTrainTransform, InceptionCrop, ResizeCropEval
+from nfnet.data.workers import usable_workers
 
 # Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
 # sampler is resumed through this datamodule's state_dict instead (nfnet.data.sampling).
@@ -74,7 +75,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             # Every rank reads the indexes global rank 0 prepared, by key: no rank walks the tree.
             keys = self.trainer.strategy.broadcast(keys)
-        found = sources.splits(data, keys)
+        found = self.read_splits(keys)
         self.classes = found.classes
         self.train_set = ImageFolderDataset(
             found.train, self.classes, self._train_transform(), max_bad_fraction=data["max_bad_fraction"],
@@ -85,13 +86,21 @@ class ImageDataModule(pl.LightningDataModule):
             max_bad_fraction=data["max_bad_fraction"], name="val", known_bad=found.bad,
         )
 
+    def read_splits(self, keys: dict[str, str] | None) -> sources.Splits:
+        """The classes and the samples of each split; an update round (nfnet.app.rounds) chooses
+        its own from the folder and the model registry."""
+        return sources.splits(self.hparams.data, keys)
+
     # ----------------------------------------------------------------- transforms
     def _train_transform(self):
         data, augment = self.hparams.data, self.hparams.augment
         if augment["name"] == "official":
-            return InceptionCrop(data["train_size"], dtype=torch.float32)
+            return InceptionCrop(data["train_size"], flip=augment["hflip"], dtype=torch.float32)
         if augment["name"] == "basic":
-            return BasicTrainTransform(data["train_size"], scale=(augment["crop_min_area"], 1.0))
+            # RandAugment here acts on each image (the official one acts on mixed images, in the collate).
+            randaugment = RandAugment(*parse_ra_level(augment["ra_level"])) if augment["ra_level"] else None
+            return BasicTrainTransform(data["train_size"], scale=(augment["crop_min_area"], 1.0), flip=augment["hflip"],
+                                       randaugment=randaugment)
         return ResizeCropEval(data["train_size"], pad=data["eval_pad"])
 
     def _train_collate(self) -> OfficialCollate | None:
@@ -107,15 +116,16 @@ class ImageDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn=None, sampler=None) -> DataLoader:
         data = self.hparams.data
+        workers = usable_workers(data["num_workers"])
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=data["num_workers"],
+            num_workers=workers,
             pin_memory=data["pin_memory"],
-            persistent_workers=data["persistent_workers"] and data["num_workers"] > 0,
+            persistent_workers=data["persistent_workers"] and workers > 0,
             collate_fn=collate_fn,
         )
 

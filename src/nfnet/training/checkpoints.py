@@ -28,24 +28,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from nfnet.data.folder_files import fsync_dir
 from nfnet.errors import NonFiniteCheckpointError
 
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems cannot open a folder; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -65,7 +53,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -30,7 +30,8 @@ from nfnet.inference.weights import load_pretrained
 from nfnet.models import create_model
 from nfnet.models.nfnet import NFNet
 from nfnet.optim.agc import AdaptiveGradClipper, check_unscaled_gradients
-from nfnet.optim.param_groups import agc_named_parameters, optimizer_param_groups, stage_of
+from nfnet.optim.optimizers import build_optimizer
+from nfnet.optim.param_groups import agc_named_parameters, stage_of
 from nfnet.optim.schedule import follow_schedule, run_schedule_lengths, scale_lr, warmup_cosine_scheduler
 from nfnet.training.checkpoints import FiniteCheckpoints
 from nfnet.training.ema import EMAUpdate
@@ -59,7 +60,7 @@ class NFNetClassifier(pl.LightningModule):
             )
         self.net = net
         if model["pretrained"]:
-            load_pretrained(self.net, model["pretrained"])
+            load_pretrained(self.net, model["pretrained"], class_names)
         if model["channels_last"]:
             self.net = self.net.to(memory_format=torch.channels_last)
         # A frozen copy that `ema` moves after each optimizer step; it is part of the state dict,
@@ -192,10 +193,7 @@ class NFNetClassifier(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.hparams.optim
         peak_lr = scale_lr(optim["base_lr"], self.global_batch_size(), optim["reference_batch"])
-        optimizer = torch.optim.SGD(
-            optimizer_param_groups(self.net, optim["weight_decay"]), lr=peak_lr, momentum=optim["momentum"],
-            nesterov=optim["nesterov"],
-        )
+        optimizer = build_optimizer(self.net, optim, peak_lr)
         trainer = self.trainer
         self.planned_schedule = warmup, total = run_schedule_lengths(
             getattr(trainer.datamodule, "num_train_examples", None), self.global_batch_size(), trainer.max_epochs,
