@@ -20,6 +20,7 @@ from nfnet.app.machine import check_trainer
 from nfnet.app.schema import ENTRIES, EXPORT_FORMATS, constrained_keys
 from nfnet.app.values import Integer, is_int, read, require, shown
 from nfnet.data.shards import PACK_FILE, is_remote
+from nfnet.errors import ConfigError, InputError
 from nfnet.models import VARIANTS
 
 IMAGE_SIZE_STEP = 32  # NFNets downsample by 32; the official sizes are all multiples of it
@@ -130,6 +131,11 @@ def _check_decode(cfg: DictConfig) -> None:
                                     f"augment=official (got augment={augment}), or data.decode=cpu")
     require(accelerator != "tpu", "data.decode=gpu decodes with nvjpeg on a CUDA device (or the CPU); on a TPU "
                                   "use data.decode=cpu")
+    require(read(cfg, "augment.hflip", True), "data.decode=gpu always flips half the images, as the official "
+                                              "pipeline does; augment.hflip=false needs data.decode=cpu")
+    source = read(cfg, "data.source")
+    require(source != "streaming", "data.decode=gpu reads image folders; data=streaming decodes in the loader's "
+                                   "workers: use data.decode=cpu")
 
 
 def _check_ra_level(cfg: DictConfig) -> None:
@@ -156,16 +162,29 @@ def _check_ra_level(cfg: DictConfig) -> None:
 
 def _check_model(cfg: DictConfig, this_machine: bool) -> None:
     pretrained = read(cfg, "model.pretrained", None)
-    if pretrained is not None and this_machine:
-        check_weights("model.pretrained", pretrained)
+    if pretrained is None or not this_machine:
+        return
+    check_weights("model.pretrained", pretrained)
+    from nfnet.inference.weights import weights_variant  # torch: only when there are weights to look at
+
+    try:
+        variant = weights_variant(os.path.expanduser(str(pretrained)))
+    except Exception:  # noqa: BLE001 - a file this cannot read is the loader's to refuse, in its own words
+        return
+    name = read(cfg, "model.name")
+    require(
+        variant is None or variant == name,
+        f"model.pretrained={str(pretrained)!r} holds {variant} weights, but model.name={name!r}; add model={variant}",
+    )
 
 
 def _check_run(cfg: DictConfig, this_machine: bool) -> None:
-    for key in read(cfg, "requires", None) or []:
-        require(
-            read(cfg, key, None) is not None,
-            f"{key} is required by this config (task {cfg.get('task_name')}); set it: {key}=<value>",
-        )
+    _check_requires(cfg)
+    require(
+        not read(cfg, "data.class_map", None),
+        "data.class_map is read by update.py, whose registry keeps each class's classifier row; train.py "
+        "matches a checkpoint's classes by name: rename the class folders as they were, or use update.py",
+    )
     ckpt, resume = read(cfg, "ckpt_path", None), read(cfg, "resume", False)
     if ckpt is not None and ckpt not in ("last", "hpc") and this_machine:
         check_file("ckpt_path", ckpt, "give a checkpoint written by train.py, `last` (this run directory's latest) or null")
@@ -173,6 +192,21 @@ def _check_run(cfg: DictConfig, this_machine: bool) -> None:
         not (resume and ckpt is not None),
         f"resume=true finds the checkpoint by itself, but ckpt_path={ckpt!r} is set too; give one of them",
     )
+    _check_outputs(cfg, this_machine)
+
+
+def _check_requires(cfg: DictConfig) -> None:
+    for key in read(cfg, "requires", None) or []:
+        require(
+            read(cfg, key, None) is not None,
+            f"{key} is required by this config (task {cfg.get('task_name')}); set it: {key}=<value>",
+        )
+    steps, max_steps = read(cfg, "steps", None), read(cfg, "trainer.max_steps", -1)
+    require(steps is None or max_steps in (None, -1),
+            f"steps={steps} sets trainer.max_steps itself, but trainer.max_steps={max_steps} is set too; give one of them")
+
+
+def _check_outputs(cfg: DictConfig, this_machine: bool) -> None:
     # Checked before Hydra creates the run directory under it, so a bad path costs one line.
     check_output_dirs(cfg, this_machine)
     if this_machine:
@@ -234,20 +268,30 @@ def check_config(cfg: DictConfig, this_machine: bool = True) -> None:
 def _check_weights_source(cfg: DictConfig, entry: str, this_machine: bool) -> None:
     check_schema_values(cfg, entry)
     check_output_dirs(cfg, this_machine)
-    ckpt, pretrained = read(cfg, "ckpt_path", None), read(cfg, "pretrained", None)
+    given = {key: read(cfg, key, None) for key in ("ckpt_path", "pretrained", "registry")}
     require(
-        (ckpt is None) != (pretrained is None),
-        "give exactly one of ckpt_path=<checkpoint written by train.py> or pretrained=<weights file> "
-        f"(with model_name=<variant>); got ckpt_path={ckpt!r}, pretrained={pretrained!r}",
+        sum(value is not None for value in given.values()) == 1,
+        "give exactly one of ckpt_path=<checkpoint written by train.py>, pretrained=<weights file> "
+        f"(with model_name=<variant>) or registry=<folder written by update.py>; got "
+        + ", ".join(f"{key}={value!r}" for key, value in given.items()),
     )
+    pretrained = given["pretrained"]
     if pretrained is not None:
         name = read(cfg, "model_name", None)
         require(name in VARIANTS, f"model_name={name!r} must name the variant of pretrained={pretrained!r}; "
                                    f"choose one of: {', '.join(VARIANTS)}")
-    if this_machine and ckpt is not None:
-        require(os.path.isfile(os.path.expanduser(str(ckpt))), f"ckpt_path={ckpt!r} is not a file")
+    key, path = next((key, value) for key, value in given.items() if value is not None)
+    if this_machine and key == "registry":
+        from nfnet.inference.registry import version_folder
+
+        try:
+            version_folder(str(path))
+        except InputError as error:
+            raise ConfigError(str(error)) from None
+    elif this_machine and key == "pretrained":
+        check_weights("pretrained", path)
     elif this_machine:
-        check_weights("pretrained", pretrained)
+        require(os.path.isfile(os.path.expanduser(str(path))), f"{key}={path!r} is not a file")
     size = read(cfg, "image_size", None)
     require(
         size is None or size % IMAGE_SIZE_STEP == 0,
@@ -335,5 +379,51 @@ def check_pack_config(cfg: DictConfig, this_machine: bool = True) -> None:
     require(reason is None, f"output_dir={output!r} cannot hold the shards: {reason}")
 
 
+# --------------------------------------------------------------------------- update.py
+def check_update_config(cfg: DictConfig, this_machine: bool = True) -> None:
+    """update.py: the training run's checks, one growing folder, and a registry this round can continue."""
+    check_schema_values(cfg, "update")
+    source = read(cfg, "data.source")
+    require(source == "imagefolder", f"data.source={source!r}: update.py learns from one folder of class folders that "
+                                     "grows, data=imagefolder (its default) with data.root=<folder>")
+    _check_model(cfg, this_machine)
+    _check_data(cfg, this_machine)
+    _check_ra_level(cfg)
+    check_trainer(cfg, this_machine)
+    _check_requires(cfg)
+    _check_outputs(cfg, this_machine)
+    if this_machine:
+        try:
+            _check_registry(cfg)
+        except InputError as error:  # the registry's or the class set's own one line
+            raise ConfigError(str(error)) from None
+
+
+def _check_registry(cfg: DictConfig) -> None:
+    from nfnet.data.class_set import evolve_classes
+    from nfnet.inference.registry import MODEL_INFO, Registry, read_json
+
+    path = os.path.expanduser(str(read(cfg, "registry")))
+    reason = unwritable_reason(path)
+    require(reason is None, f"registry={path!r} cannot hold the model registry: {reason}")
+    registry = Registry(path)
+    require(registry.exists() or not os.path.isdir(path) or not os.listdir(path),
+            f"registry={path!r} is a folder with other files in it, not a model registry (no versions/ folder); "
+            "give a new or empty folder")
+    current = registry.current()
+    if current is None:
+        return
+    name, variant = read(cfg, "model.name"), read_json(registry.folder(current) / MODEL_INFO)["model"]["name"]
+    require(name == variant, f"model.name={name!r}, but version {current}, in service in registry={path!r}, is a "
+                             f"{variant}, which a round continues; add model={variant}")
+    pretrained = read(cfg, "model.pretrained", None)
+    require(pretrained is None, f"model.pretrained={str(pretrained)!r} starts an empty registry; registry={path!r} has "
+                                f"version {current} in service, which this round starts from: drop model.pretrained")
+    root = os.path.expanduser(str(read(cfg, "data.root")))
+    with os.scandir(root) as entries:
+        folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    evolve_classes(registry.classes(current), folders, read(cfg, "data.class_map", None))
+
+
 CHECKS = {"train": check_config, "eval": check_eval_config, "predict": check_predict_config, "export": check_export_config,
-          "pack": check_pack_config}
+          "pack": check_pack_config, "update": check_update_config}

@@ -135,7 +135,7 @@ def _parse(overrides: list[str]):
 
     try:
         return OverridesParser.create().parse_overrides(overrides)
-    except ValueError as error:
+    except ValueError:
         # Python refuses to read an integer of more than sys.get_int_max_str_digits() digits.
         bad = next((o for o in overrides if _unparsable(o)), " ".join(overrides))
         raise ConfigError(

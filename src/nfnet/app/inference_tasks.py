@@ -19,8 +19,9 @@ from nfnet.app.checks import check_eval_config, check_export_config, check_predi
 from nfnet.app.reports import print_table, write_json
 from nfnet.app.schema import DataConfig, OptimConfig, constraint_at
 from nfnet.app.values import input_error, refused_file_error
+from nfnet.data.workers import usable_workers
 from nfnet.errors import ConfigError, InputError
-from nfnet.inference.classifier import Classifier, from_checkpoint, from_pretrained
+from nfnet.inference.classifier import Classifier, from_checkpoint, from_pretrained, from_registry
 from nfnet.inference.evaluation import eval_dataset
 from nfnet.inference.export import export_classifier
 from nfnet.inference.predict import iter_inputs, predict_rows, write_rows
@@ -30,9 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def load_classifier(cfg: DictConfig) -> Classifier:
-    """`ckpt_path` (a train.py checkpoint; `weights` picks EMA or raw) or `pretrained` + `model_name`."""
-    key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
+    """`ckpt_path` (a train.py checkpoint; `weights` picks EMA or raw), `registry` (update.py's
+    model in service, or one of its version folders) or `pretrained` + `model_name`."""
+    key = next(k for k in ("registry", "ckpt_path", "pretrained") if cfg.get(k))
     try:
+        if key == "registry":
+            return from_registry(str(cfg.registry), cfg.image_size, cfg.eval_pad)
         if key == "ckpt_path":
             return from_checkpoint(str(cfg.ckpt_path), cfg.weights, cfg.image_size, cfg.eval_pad)
         return from_pretrained(str(cfg.pretrained), cfg.model_name, cfg.get("class_names"), cfg.image_size, cfg.eval_pad)
@@ -104,7 +108,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
     classifier = load_classifier(cfg)
     dataset = eval_dataset(classifier, _eval_data(cfg, classifier), cfg.split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                                         num_workers=usable_workers(cfg.num_workers))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     result = trainer.test(_evaluation_module(classifier), dataloaders=loader, verbose=False)[0]
     report = {

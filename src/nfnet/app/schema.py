@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
@@ -22,6 +22,7 @@ from nfnet.data.transforms import AREA_RANGE, CROP_PADDING
 from nfnet.models import VARIANTS, get_variant
 from nfnet.models.activations import GAMMAS, GELU_APPROXIMATIONS
 from nfnet.optim.agc import DEFAULT_EPS, PAPER_CLIPPING
+from nfnet.optim.optimizers import OPTIMIZERS, SGD
 from nfnet.optim.schedule import PAPER_BASE_LR, PAPER_EMA_DECAY, PAPER_WARMUP_EPOCHS, REFERENCE_BATCH
 
 Real = Union[int, float]  # a number as typed: 0 stays 0 and 1.0 stays 1.0 in the messages
@@ -107,6 +108,9 @@ class DataConfig:
     # the bytes it fetched; null: $LITDATA_CACHE_DIR, else ~/.lightning/chunks.
     cache_dir: Optional[str] = setting(None, Text("(LitData's cache: $LITDATA_CACHE_DIR or ~/.lightning/chunks)", "a folder"))
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    # update.py: what a class of the model became when its folder is gone, {old: new folder} (renamed,
+    # or merged into an existing class) or {old: null} (removed); checked in nfnet.app.checks.
+    class_map: Dict[str, Optional[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,7 +118,11 @@ class AugmentConfig:
     name: str = setting(MISSING, Choice(AUGMENTS))
     # basic/light: the smallest random-resized crop, as a fraction of the image (official 0.08).
     crop_min_area: Real = setting(AREA_RANGE[0], Number(0, 1, low_open=True, note=" (the smallest crop, as a fraction of the image)"))
-    # official: <layers><magnitude as 2 digits>, e.g. 405; null for none (checked in nfnet.app.checks).
+    # A random horizontal flip of every training image; false for digits, text and other images
+    # whose mirror image is another class or none.
+    hflip: bool = setting(True, Flag())
+    # <layers><magnitude as 2 digits>, e.g. 405; null for none (checked in nfnet.app.checks). official
+    # applies it to the mixed images, basic/light to each cropped image.
     ra_level: Optional[int] = None
     mixup_alpha: Real = setting(0.2, Number(0, low_open=True))  # NFNET_SPEC §4.3: never overridden
     mixup: bool = setting(True, Flag())
@@ -152,11 +160,21 @@ class OptimConfig:
     # checkpoint (null: never stop). Not on TPU, where the check would stall the device.
     skip_nonfinite: bool = setting(True, Flag())
     max_consecutive_skips: Optional[int] = setting(10, Integer(nullable=True, note=" (non-finite steps in a row that stop the run)"))
+    # sgd: the paper's (momentum, nesterov, coupled weight decay); adamw: decoupled weight decay, for
+    # fine-tuning (nfnet.optim.optimizers).
+    optimizer: str = setting(SGD, Choice(OPTIMIZERS))
+    # The classifier's (weight and bias) peak LR over the others': new rows must learn in few steps.
+    head_lr_mult: Real = setting(1.0, Number(0, low_open=True, note=" (the classifier's peak LR over the trunk's)"))
+    # Train the classifier alone (the trunk's gradients are never computed).
+    freeze_trunk: bool = setting(False, Flag())
+    # The warmup as a share of the run's steps; it replaces warmup_epochs, so the warmup follows the
+    # run's length (steps=, below) whatever the dataset's size.
+    warmup_fraction: Optional[Real] = setting(None, Number(0, 1, high_open=True, nullable="to count the warmup in optim.warmup_epochs"))
 
 
 @dataclass
-class TrainConfig:
-    """`python train.py`: the groups above plus the run's own keys (conf/train.yaml)."""
+class RunConfig:
+    """What train.py and update.py share: the groups above and the keys of any training run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -173,6 +191,19 @@ class TrainConfig:
     tags: List[str] = field(default_factory=lambda: ["dev"])
     # Seeds Python, NumPy, torch and the dataloader workers; null leaves the run unseeded.
     seed: Optional[int] = setting(0, SEED)
+    print_config: bool = setting(True, Flag())
+    # Keys a config cannot run without (experiment=finetune needs weights): a `???` would not do,
+    # since merging `???` over a default keeps the default.
+    requires: List[str] = field(default_factory=list)
+    # The run's length in optimizer steps, whatever the dataset's size: trainer.max_steps, with
+    # trainer.max_epochs the epochs that hold them (a small folder trains more epochs than a large one).
+    steps: Optional[int] = setting(None, Integer(nullable=True, note=" (null: trainer.max_epochs as given)"))
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`python train.py`: the groups above plus the run's own keys (conf/train.yaml)."""
+
     train: bool = setting(True, Flag())
     # After fitting, evaluate the best checkpoint on the validation split.
     test: bool = setting(True, Flag())
@@ -181,10 +212,6 @@ class TrainConfig:
     resume: bool = setting(False, Flag())
     # The value train.py returns to sweepers (Optuna maximizes it).
     optimized_metric: Optional[str] = "val/acc_top1"
-    print_config: bool = setting(True, Flag())
-    # Keys a config cannot run without (experiment=finetune needs weights): a `???` would not do,
-    # since merging `???` over a default keeps the default.
-    requires: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +223,8 @@ class WeightsConfig:
     ckpt_path: Optional[str] = setting(None, Text("(then pretrained= names the weights)", "a checkpoint file"))
     # DeepMind *_haiku.npz, timm dm_nfnet_*, safetensors, with the variant's name in model_name.
     pretrained: Optional[str] = setting(None, Text("(then ckpt_path= names the weights)", "a weights file"))
+    # A model registry written by update.py (its current version) or one of its version folders.
+    registry: Optional[str] = setting(None, Text("(then ckpt_path= or pretrained= names the weights)", "a folder"))
     model_name: Optional[str] = None
     # ema | raw: which of a checkpoint's two weight sets.
     weights: str = setting("ema", Choice(("ema", "raw"), " (a checkpoint's EMA or raw weights)"))
@@ -288,8 +317,50 @@ class PackConfig:
     progress: bool = setting(True, Flag())
 
 
+@dataclass
+class GateConfig:
+    """When a round's candidate replaces the model in service (nfnet.inference.promotion)."""
+
+    # How far the candidate's top-1 may fall below the current model's, on this round's validation
+    # set and on the previous round's.
+    tolerance: Real = setting(0.01, Number(0, 1, note=" (how far below the current model's top-1 a candidate may be)"))
+    # How far any class the current model knows may fall, on either set: a small validation set
+    # moves by 1/n per image (0.1 is one image in ten).
+    max_class_drop: Real = setting(0.1, Number(0, 1, note=" (how far one old class's top-1 may fall)"))
+
+
+@dataclass
+class ReplayConfig:
+    """What a round trains on besides the images that arrived since the current version."""
+
+    # The share of the current version's training images trained on again (a seeded choice by path).
+    fraction: Real = setting(1.0, Number(0, 1, low_open=True, note=" (the share of the last round's training images trained on again)"))
+    # How many times each new training image appears per epoch.
+    new_repeats: int = setting(1, Integer(note=" (times each new training image appears per epoch)"))
+
+
+@dataclass
+class UpdateConfig(RunConfig):
+    """`python update.py data.root=DIR registry=MODELS`: one round (or rounds as images arrive, with
+    watch=true) of training, evaluation and promotion (conf/update.yaml)."""
+
+    registry: str = setting(MISSING, Text(what="a folder (the model registry; created when absent)"))
+    gate: GateConfig = field(default_factory=GateConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    # A round even when no image was added or changed since the current version.
+    force: bool = setting(False, Flag())
+    # Wait for min_new_images new images, run a round, and again, up to max_rounds rounds (null: no end);
+    # the folder is looked at every poll_seconds, for at most max_wait_seconds without a round.
+    watch: bool = setting(False, Flag())
+    min_new_images: int = setting(1, Integer(note=" (new images that start a round)"))
+    poll_seconds: Real = setting(60, Number(0, low_open=True, note=" (seconds between looks at the folder)"))
+    max_rounds: Optional[int] = setting(None, Integer(nullable=True, note=" (null: no end)"))
+    max_wait_seconds: Optional[Real] = setting(None, Number(0, nullable="to wait without end", note=" (seconds to wait for images without a round)"))
+
+
 GROUPS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
-ENTRIES = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "export": ExportConfig, "pack": PackConfig}
+ENTRIES = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictConfig, "export": ExportConfig, "pack": PackConfig,
+           "update": UpdateConfig}
 
 
 def _variant_field(name: str, key: str):

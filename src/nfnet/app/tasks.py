@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from nfnet.app.budget import apply_budget
 from nfnet.app.checks import check_config
 from nfnet.app.inference_tasks import evaluate, export, predict
 from nfnet.app.loggers import build_loggers, loggable_config
@@ -28,6 +29,8 @@ from nfnet.app.resume import resolve_checkpoint, run_lock, stops
 from nfnet.app.values import input_error, refused_file_error
 from nfnet.app.runs import in_multirun
 from nfnet.data.datamodule import ImageDataModule
+from nfnet.data.folder_split import write_file_list
+from nfnet.data.sources import val_root
 from nfnet.errors import ConfigError, InputError, TrainingStopped
 from nfnet.training.callbacks import EpochLength, StepSeed
 from nfnet.training.checkpoints import (
@@ -40,6 +43,9 @@ from nfnet.training.loggers import WandbRunInCheckpoint, continue_csv_files, fin
 from nfnet.training.module import NFNetClassifier
 
 log = logging.getLogger(__name__)
+
+# Beside the checkpoints: which files the run validated on.
+VAL_FILES = "val_files.txt"
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -71,8 +77,10 @@ def _instantiate_all(section: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(node) for node in section.values() if node and "_target_" in node]
 
 
-def _setup_data(cfg: DictConfig) -> ImageDataModule:
-    datamodule = build_datamodule(cfg)
+def _setup_data(cfg: DictConfig, datamodule: ImageDataModule | None = None) -> ImageDataModule:
+    """`datamodule` (by default the config's) with its data prepared and split; a data problem is
+    one line naming data.root."""
+    datamodule = datamodule or build_datamodule(cfg)
     try:
         datamodule.prepare_data()
         datamodule.setup("fit")
@@ -81,7 +89,7 @@ def _setup_data(cfg: DictConfig) -> ImageDataModule:
     except ValueError as error:  # an empty split, a folder with no images, too many bad files
         raise ConfigError(f"data.root={str(cfg.data.root)!r}: {' '.join(str(error).split())}") from None
     step_examples = datamodule.batch_size * (world_size(cfg) or 1)
-    if cfg.train and datamodule.num_train_examples < step_examples:
+    if cfg.get("train", True) and datamodule.num_train_examples < step_examples:
         raise ConfigError(
             f"data.root={str(cfg.data.root)!r}: the training split has {datamodule.num_train_examples} images, fewer "
             f"than one optimizer step takes ({step_examples} = data.batch_size {datamodule.batch_size} x devices x "
@@ -128,6 +136,53 @@ def _fit(cfg: DictConfig, trainer: pl.Trainer, module: NFNetClassifier, datamodu
     return metrics
 
 
+def build_run_module(cfg: DictConfig, datamodule: ImageDataModule) -> NFNetClassifier:
+    """The module of a run on `datamodule`'s data; the run's length is fitted to its training split
+    first (nfnet.app.budget), since the module's schedule reads it."""
+    budget = apply_budget(cfg, datamodule.num_train_examples, datamodule.batch_size)
+    if budget:
+        log.info(budget)
+    try:
+        return build_module(cfg, datamodule.num_classes, datamodule.classes)
+    except pickle.UnpicklingError as error:  # model.pretrained: the loaders refuse pickled code
+        raise refused_file_error("model.pretrained", cfg.model.pretrained, error) from None
+    except InputError as error:  # model.pretrained: damaged, or not weights of this model
+        raise input_error("model.pretrained", cfg.model.pretrained, error) from None
+
+
+def run_callbacks(cfg: DictConfig, module: NFNetClassifier, ckpt_path: str | None,
+                  checkpoint_dir: str | None = None) -> tuple[list[Any], list[Any], list[Any]]:
+    """The callbacks, trainer plugins and loggers of a run; `checkpoint_dir` moves every checkpoint
+    callback's files there (an update round keeps them in its registry)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # EpochLength first, so that the progress bar reads each epoch's own length; StepSeed makes
+    # dropout/stochastic-depth masks a function of (seed, epoch, batch): the same after a resume.
+    callbacks = [EpochLength(), *_instantiate_all(cfg.get("callbacks")), StepSeed(cfg.seed)]
+    for callback in callbacks:
+        if checkpoint_dir is not None and isinstance(callback, ModelCheckpoint):
+            callback.dirpath = checkpoint_dir
+    plugins = _checkpoint_plumbing(cfg, callbacks, module)
+    loggers = build_loggers(cfg, ckpt_path)
+    callbacks += [WandbRunInCheckpoint(lg) for lg in loggers if is_wandb(lg)]
+    return callbacks, plugins, loggers
+
+
+def build_trainer(cfg: DictConfig, module: NFNetClassifier, callbacks: list[Any], plugins: list[Any],
+                  loggers: list[Any]) -> pl.Trainer:
+    """The trainer of `cfg.trainer`; the loggers get the resolved config and the parameter counts."""
+    extra = {"plugins": plugins} if plugins else {}
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    params = list(module.net.parameters())
+    for logger in loggers:
+        logger.log_hyperparams({
+            **loggable_config(cfg),
+            "params/total": sum(p.numel() for p in params),
+            "params/trainable": sum(p.numel() for p in params if p.requires_grad),
+        })
+    return trainer
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) as the config says; returns the logged metrics and the best checkpoint.
 
@@ -146,29 +201,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_checkpoint(cfg)
     datamodule = _setup_data(cfg)
-    try:
-        module = build_module(cfg, datamodule.num_classes, datamodule.classes)
-    except pickle.UnpicklingError as error:  # model.pretrained: the loaders refuse pickled code
-        raise refused_file_error("model.pretrained", cfg.model.pretrained, error) from None
-    except InputError as error:  # model.pretrained: damaged, or not weights of this model
-        raise input_error("model.pretrained", cfg.model.pretrained, error) from None
-    # EpochLength first, so that the progress bar reads each epoch's own length; StepSeed makes
-    # dropout/stochastic-depth masks a function of (seed, epoch, batch): the same after a resume.
-    callbacks = [EpochLength(), *_instantiate_all(cfg.get("callbacks")), StepSeed(cfg.seed)]
-    plugins = _checkpoint_plumbing(cfg, callbacks, module)
-    loggers = build_loggers(cfg, ckpt_path)
-    callbacks += [WandbRunInCheckpoint(lg) for lg in loggers if is_wandb(lg)]
+    module = build_run_module(cfg, datamodule)
+    callbacks, plugins, loggers = run_callbacks(cfg, module, ckpt_path)
     status = "failed"
     try:
-        extra = {"plugins": plugins} if plugins else {}
-        trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
-        params = list(module.net.parameters())
-        for logger in loggers:
-            logger.log_hyperparams({
-                **loggable_config(cfg),
-                "params/total": sum(p.numel() for p in params),
-                "params/trainable": sum(p.numel() for p in params if p.requires_grad),
-            })
+        trainer = build_trainer(cfg, module, callbacks, plugins, loggers)
+        if trainer.is_global_zero:
+            write_val_files(cfg, datamodule)
         metrics: dict[str, Any] = {}
         if cfg.train:
             metrics = _fit(cfg, trainer, module, datamodule, ckpt_path)
@@ -190,8 +229,24 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, status)
 
 
+def write_val_files(cfg: DictConfig, datamodule: ImageDataModule) -> None:
+    """`<run dir>/val_files.txt`: the run's validation files, one relative path a line (shards
+    list theirs in the pack's manifest)."""
+    if cfg.paths.get("output_dir") and cfg.data.source != "streaming":
+        path = os.path.join(str(cfg.paths.output_dir), VAL_FILES)
+        count = write_file_list(path, val_root(cfg.data), datamodule.val_set.samples)
+        log.info("the %d validation files are listed in %s", count, path)
+
+
 def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
-TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "pack": pack}
+def update(cfg: DictConfig) -> dict[str, Any]:
+    # Imported here: the update task builds on this module's pieces.
+    from nfnet.app.update_task import update as run_update
+
+    return run_update(cfg)
+
+
+TASKS = {"train": train, "eval": evaluate, "predict": predict, "export": export, "pack": pack, "update": update}

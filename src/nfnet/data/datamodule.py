@@ -29,6 +29,7 @@ from nfnet.data.randaugment import RandAugment
 from nfnet.data.randaugment_levels import parse_ra_level
 from nfnet.data.sampling import ResumableSampler, SeededCollate, SeededDataset
 from nfnet.data.transforms import BasicTrainTransform, InceptionCrop, ResizeCropEval
+from nfnet.data.workers import usable_workers
 
 # Lightning warns on a mid-epoch resume unless the DataLoader object itself is stateful; here the
 # sampler is resumed through this datamodule's state_dict instead (nfnet.data.sampling).
@@ -81,7 +82,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.trainer is not None:
             # Every rank reads the indexes global rank 0 prepared, by key: no rank walks the tree.
             keys = self.trainer.strategy.broadcast(keys)
-        found = sources.splits(data, keys)
+        found = self.read_splits(keys)
         self.classes = found.classes
         if self._decode_on_device:
             # The workers read bytes and draw the crops; the device decodes and crops (transfer_batch_to_device).
@@ -107,13 +108,20 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set = sources.packed_split(data, info, "train", self._train_transform())
         self.val_set = sources.packed_split(data, info, "val", ResizeCropEval(data["test_size"], pad=data["eval_pad"]))
 
+    def read_splits(self, keys: dict[str, str] | None) -> sources.Splits:
+        """The classes and the samples of each split; an update round (nfnet.app.rounds) chooses
+        its own from the folder and the model registry."""
+        return sources.splits(self.hparams.data, keys)
+
     # ----------------------------------------------------------------- transforms
     def _train_transform(self):
         data, augment = self.hparams.data, self.hparams.augment
         if augment["name"] == "official":
-            return InceptionCrop(data["train_size"], dtype=torch.float32)
+            return InceptionCrop(data["train_size"], flip=augment["hflip"], dtype=torch.float32)
         if augment["name"] == "basic":
-            return BasicTrainTransform(data["train_size"], scale=(augment["crop_min_area"], 1.0))
+            # RandAugment here acts on each image (the official one acts on mixed images, in the collate).
+            return BasicTrainTransform(data["train_size"], scale=(augment["crop_min_area"], 1.0), flip=augment["hflip"],
+                                       randaugment=self._randaugment())
         return ResizeCropEval(data["train_size"], pad=data["eval_pad"])
 
     @property
@@ -148,15 +156,16 @@ class ImageDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, collate_fn=None, sampler=None) -> DataLoader:
         data = self.hparams.data
+        workers = usable_workers(data["num_workers"])
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
             drop_last=drop_last,
-            num_workers=data["num_workers"],
+            num_workers=workers,
             pin_memory=data["pin_memory"],
-            persistent_workers=data["persistent_workers"] and data["num_workers"] > 0,
+            persistent_workers=data["persistent_workers"] and workers > 0,
             collate_fn=collate_fn,
         )
 

@@ -142,6 +142,20 @@ def summary(head: str, names: list[str]) -> str:
     return f"{head}:\n  {shown}{more}"
 
 
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems cannot open a folder; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never
     a part: a temporary file in the same folder, flushed to disk, then renamed over ``path``.
@@ -155,6 +169,7 @@ def atomic_write_text(path: str, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; an index is for every user of the data
         os.replace(tmp, path)
+        fsync_dir(folder)
     except BaseException:
         try:
             os.unlink(tmp)

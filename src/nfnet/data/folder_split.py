@@ -49,9 +49,10 @@ def _infer_root(samples: Sequence[tuple[str, int]]) -> str:
     return os.path.commonpath([os.path.abspath(p) for p, _ in samples])
 
 
-def split_draw(seed: int, relpath: str) -> float:
-    """The file's uniform draw in [0, 1): in validation iff it is below ``val_fraction``."""
-    digest = hashlib.blake2b(f"{seed}\0{relpath}".encode(), digest_size=8, person=b"nfnet-split").digest()
+def split_draw(seed: int, relpath: str, purpose: bytes = b"nfnet-split") -> float:
+    """The file's uniform draw in [0, 1): in validation iff it is below ``val_fraction``. Another
+    ``purpose`` (at most 16 bytes) gives a draw independent of this one, for other choices by path."""
+    digest = hashlib.blake2b(f"{seed}\0{relpath}".encode(), digest_size=8, person=purpose).digest()
     return int.from_bytes(digest, "big") / _UNIT
 
 
@@ -154,6 +155,19 @@ def write_manifest(path: str, rows: Sequence[ManifestRow]) -> None:
     writer.writerow(ManifestRow._fields)
     writer.writerows(("" if v is None else v for v in row) for row in rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def read_manifest(path: str) -> list[ManifestRow]:
+    """The rows :func:`write_manifest` wrote to ``path``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != list(ManifestRow._fields):
+            raise ValueError(f"{path} is not a file manifest: its header is {header}, not {list(ManifestRow._fields)}")
+        return [
+            ManifestRow(rel, split, label, int(size) if size else None, digest or None)
+            for rel, split, label, size, digest in reader
+        ]
 
 
 def relative_paths(root: str, samples: Sequence[tuple[str, int]]) -> list[str]:

@@ -58,6 +58,13 @@ def folders(data: Mapping[str, Any]) -> dict[str, str]:
     return {"train": str(root / "train"), "val": str(root / "val")}
 
 
+def val_root(data: Mapping[str, Any]) -> str:
+    """The folder the validation files' relative paths are taken from (the root they were split
+    from, or the val folder)."""
+    found = folders(data)
+    return found.get("all") or found["val"]
+
+
 def _index_dir(data: Mapping[str, Any]) -> str:
     return os.path.expanduser(str(data.get("index_dir") or DEFAULT_INDEX_DIR))
 

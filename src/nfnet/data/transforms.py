@@ -348,22 +348,23 @@ class ResizeCropEval:
 
 
 class BasicTrainTransform:
-    """``augment=basic``: torchvision's RandomResizedCrop (bilinear, antialiased) + flip; uint8.
+    """``augment=basic``: torchvision's RandomResizedCrop (bilinear, antialiased), a horizontal
+    flip unless ``flip=False`` (digits, text and many medical images must not be mirrored), and
+    optionally RandAugment on each image; uint8.
 
     Not the official recipe; a cheap, familiar baseline for fine-tuning on small folders.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = AREA_RANGE):
+    def __init__(self, size: int, scale: tuple[float, float] = AREA_RANGE, flip: bool = True, randaugment=None):
         self.size = int(size)
-        self._t = v2.Compose(
-            [
-                v2.RandomResizedCrop(self.size, scale=scale, antialias=True),
-                v2.RandomHorizontalFlip(),
-            ]
-        )
+        self.flip = flip
+        self.randaugment = randaugment
+        steps = [v2.RandomResizedCrop(self.size, scale=scale, antialias=True)]
+        self._t = v2.Compose(steps + ([v2.RandomHorizontalFlip()] if flip else []))
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return self._t(img)
+        img = self._t(img)
+        return self.randaugment(img) if self.randaugment is not None else img
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
+        return f"{type(self).__name__}(size={self.size}, flip={self.flip}, randaugment={self.randaugment is not None})"

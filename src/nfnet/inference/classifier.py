@@ -18,6 +18,7 @@ import torch
 from nfnet.data.transforms import CROP_PADDING
 from nfnet.errors import InputError
 from nfnet.inference.checkpoint import read_checkpoint, weights
+from nfnet.inference.registry import CLASSES, MODEL, MODEL_INFO, read_json, version_folder
 from nfnet.inference.weights import read_any_weights
 from nfnet.models import VARIANTS, create_model, get_variant
 from nfnet.models.matching import describe, shape_mismatches
@@ -35,7 +36,7 @@ class Classifier:
     class_names: list[str]
     image_size: int
     eval_pad: int
-    weights: str  # "ema", "raw" or "pretrained"
+    weights: str  # "ema", "raw", "pretrained" or a registry version ("v0003")
     weights_file: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # The datamodule's hyperparameters of a checkpoint: the data it was trained on.
@@ -110,6 +111,22 @@ def from_pretrained(path: str, model_name: str, class_names_file: str | None = N
     size = image_size or get_variant(model_name).test_size
     pad = eval_pad if eval_pad is not None else CROP_PADDING
     return Classifier(net.eval(), model_name, names, int(size), int(pad), "pretrained", path)
+
+
+def from_registry(path: str, image_size: int | None = None, eval_pad: int | None = None) -> Classifier:
+    """A model registry's current version (`path` is the registry) or one of its version folders
+    (nfnet.inference.registry), with its class names and the size it was evaluated at."""
+    folder = version_folder(path)
+    info = read_json(folder / MODEL_INFO)
+    names = [str(n) for n in read_json(folder / CLASSES)]
+    model = info["model"]
+    kwargs = {k: model[k] for k in ARCHITECTURE if k in model}
+    net = create_model(model["name"], num_classes=len(names), **kwargs)
+    net.load_state_dict(read_any_weights(folder / MODEL))
+    size = image_size or info["image_size"]
+    pad = eval_pad if eval_pad is not None else info["eval_pad"]
+    return Classifier(net.eval(), model["name"], names, int(size), int(pad), f"v{folder.name}", str(folder / MODEL),
+                      kwargs, {"data": info.get("data") or {}})
 
 
 def class_names(path: str | None, num_classes: int) -> list[str]:

@@ -47,6 +47,7 @@ import torch
 
 from nfnet.optim.agc import AdaptiveGradClipper
 from nfnet.optim.ema import ExponentialMovingAverage
+from nfnet.optim.optimizers import AdamW
 from nfnet.optim.sgd import SGD
 
 
@@ -69,12 +70,12 @@ class StepGuard:
     without a clipper), ``skipped_steps`` and ``consecutive_skips`` (0-dim int64 counters).
     """
 
-    def __init__(self, optimizer: SGD, clipper: AdaptiveGradClipper | None = None,
+    def __init__(self, optimizer: SGD | AdamW, clipper: AdaptiveGradClipper | None = None,
                  ema: ExponentialMovingAverage | None = None, check_finite: bool = True) -> None:
-        if not isinstance(optimizer, SGD):
+        if not isinstance(optimizer, (SGD, AdamW)):
             raise TypeError(
-                f"StepGuard needs nfnet.optim.SGD (it skips steps on the device), got "
-                f"{type(optimizer).__name__}."
+                f"StepGuard needs nfnet.optim.SGD (it skips steps on the device) or "
+                f"nfnet.optim.optimizers.AdamW, got {type(optimizer).__name__}."
             )
         self.optimizer = optimizer
         self.clipper = clipper

@@ -34,25 +34,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from nfnet.data.folder_files import fsync_dir
 from nfnet.errors import CheckpointWriteError, NonFiniteCheckpointError
 from nfnet.inference.torch_files import TRAINING_STATE, damage
 
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems cannot open a folder; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -81,7 +69,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
         if _out_of_space(error):
             raise CheckpointWriteError(_no_space_message(path, obj)) from None
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _out_of_space(error: BaseException | None) -> bool:

@@ -32,9 +32,9 @@ from nfnet.models import create_model
 from nfnet.models.nfnet import NFNet
 from nfnet.optim.agc import AdaptiveGradClipper, check_unscaled_gradients
 from nfnet.optim.ema import ExponentialMovingAverage
-from nfnet.optim.param_groups import agc_named_parameters, optimizer_param_groups, stage_of
+from nfnet.optim.optimizers import build_optimizer
+from nfnet.optim.param_groups import agc_named_parameters, stage_of
 from nfnet.optim.schedule import follow_schedule, run_schedule_lengths, scale_lr, warmup_cosine_scheduler
-from nfnet.optim.sgd import SGD
 from nfnet.optim.step_guard import StepGuard
 from nfnet.training.checkpoints import FiniteCheckpoints
 from nfnet.training.guard import NonFiniteGuard, poison_nonfinite_loss
@@ -62,7 +62,7 @@ class NFNetClassifier(pl.LightningModule):
             )
         self.net = net
         if model["pretrained"]:
-            load_pretrained(self.net, model["pretrained"])
+            load_pretrained(self.net, model["pretrained"], class_names)
         if model["channels_last"]:
             self.net = self.net.to(memory_format=torch.channels_last)
         # A frozen copy moved after each optimizer step; it is part of the state dict, so a
@@ -181,9 +181,8 @@ class NFNetClassifier(pl.LightningModule):
     def configure_optimizers(self):
         optim = self.hparams.optim
         peak_lr = scale_lr(optim["base_lr"], self.global_batch_size(), optim["reference_batch"])
-        # nfnet.optim.SGD: torch's SGD in a few foreach kernels, with a device-side skip.
-        optimizer = SGD(optimizer_param_groups(self.net, optim["weight_decay"]), lr=peak_lr, momentum=optim["momentum"],
-                        nesterov=optim["nesterov"])
+        # The paper's SGD (nfnet.optim.SGD: a few foreach kernels, a device-side skip) or AdamW.
+        optimizer = build_optimizer(self.net, optim, peak_lr)
         trainer = self.trainer
         self.planned_schedule = warmup, total = run_schedule_lengths(
             getattr(trainer.datamodule, "num_train_examples", None), self.global_batch_size(), trainer.max_epochs,
