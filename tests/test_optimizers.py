@@ -12,6 +12,8 @@ from nfnet.app.schema import section
 from nfnet.models import create_model
 from nfnet.optim.optimizers import build_optimizer
 from nfnet.optim.schedule import run_schedule_lengths
+from nfnet.optim.sgd import SGD
+from nfnet.optim.step_guard import StepGuard
 
 
 def _net():
@@ -21,7 +23,7 @@ def _net():
 
 def test_the_default_is_the_papers_sgd_with_one_lr():
     optimizer = build_optimizer(_net(), section("optim"), 0.4)
-    assert isinstance(optimizer, torch.optim.SGD)
+    assert isinstance(optimizer, SGD)  # the device-side skip of nfnet.optim.step_guard
     assert {g["lr"] for g in optimizer.param_groups} == {0.4}
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
 
@@ -93,3 +95,22 @@ def test_a_large_dataset_gets_part_of_an_epoch():
 def test_no_budget_changes_nothing():
     cfg = _cfg()
     assert apply_budget(cfg, 100, 16) is None and cfg.trainer.max_epochs == 5 and "max_steps" not in cfg.trainer
+
+
+def test_adamw_under_the_step_guard_skips_a_non_finite_step_and_takes_a_finite_one():
+    net = _net()
+    optimizer = build_optimizer(net, section("optim", optimizer="adamw"), 1e-3)
+    guard = StepGuard(optimizer)
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    next(net.parameters()).grad.view(-1)[0] = float("nan")
+    guard.step()
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    assert guard.counts() == (1, 1) and not optimizer.state  # no moment estimates moved either
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    guard.step()
+    # Adam's first step moves every weight by lr (the bias-corrected m / sqrt(v) is 1), minus decay.
+    assert all(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    assert guard.counts() == (1, 0)
