@@ -158,7 +158,9 @@ class Choice(Constraint):
         return value in self.options
 
     def allowed(self) -> str:
-        return f"is not allowed{self.note}; choose one of: {', '.join(map(str, self.options))}"
+        # As typed on the command line: None is written null there.
+        typed = ("null" if option is None else str(option) for option in self.options)
+        return f"is not allowed{self.note}; choose one of: {', '.join(typed)}"
 
 
 @dataclass(frozen=True)
