@@ -203,10 +203,23 @@ def test_train_py_on_streaming_shards_then_eval_py(packed, tmp_path):
     (["pack.py", "source=imagefolder", "root=ROOT", "output_dir=OUT", "workers=0"], "workers=0 must be an integer >= 1"),
     (["pack.py", "source=imagefolder", "root=ROOT", "output_dir=s3://bucket/x"], "copy it to the object store"),
 ])
-def test_bad_values_are_one_line(tmp_path, args, expected):
-    args = [a.replace("ROOT", str(tmp_path)).replace("OUT", str(tmp_path / "out")) for a in args]
-    result = run(*args, f"paths.log_dir={tmp_path}")
-    assert result.returncode == 2, result.stderr[-2000:]
+def test_bad_values_are_one_line(tmp_path, capsys, args, expected):
+    # The entry point's own first step (nfnet.app.cli.precheck), in this process; pack.py as a
+    # whole process is run by the next test.
+    from nfnet.app.cli import precheck
+
+    script, *args = [a.replace("ROOT", str(tmp_path)).replace("OUT", str(tmp_path / "out")) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        precheck(ROOT / "conf", script.removesuffix(".py"), [*args, f"paths.log_dir={tmp_path}"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert stop.value.code == 2 and captured.out == ""
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and expected in lines[0], captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_py_itself_answers_a_bad_value_in_one_line(tmp_path):
+    result = run("pack.py", "source=tar", f"root={tmp_path}", f"output_dir={tmp_path / 'out'}", f"paths.log_dir={tmp_path}")
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("config error: ") and expected in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1 and "source='tar' is not allowed" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()

@@ -151,18 +151,6 @@ def test_train_py_itself_answers_in_one_line(case, refused):
     _assert_one_line(case, result.returncode, result.stderr, result.stdout, folder)
 
 
-@pytest.mark.parametrize("key", ["paths.log_dir", "hydra.run.dir"])
-def test_an_output_folder_under_a_file_is_one_line(key, tmp_path, capsys):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")  # nothing can be created under it, even by root
-    with pytest.raises(SystemExit) as stop:
-        precheck(ROOT / "conf", "train", [f"{key}={blocker / 'out'}", f"paths.data_dir={tmp_path / 'data'}"])
-    line = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "\n" not in line
-    assert line.startswith(f"config error: {key}=") and f"{blocker} is a file, not a folder" in line
-    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
-
-
 def test_at_least_fifteen_cases():
     assert len(CASES) >= 15 and set(AS_PROCESSES) <= set(CASES)
 
