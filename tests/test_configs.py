@@ -23,6 +23,7 @@ NOT_OPTIONS = {("model", "base")}
 SUPPLIED = {
     ("data", "imagenet"): ["data.root=/data/imagenet"],
     ("data", "imagefolder"): ["data.root=/data/photos"],
+    ("data", "streaming"): ["data.root=/data/shards"],
     ("experiment", "finetune"): ["data.root=/data/photos", "model.pretrained=/weights/F0_haiku.npz"],
 }
 PORTABLE_TRAINERS = {"default", "cpu", "ddp_cpu"}  # instantiable without a GPU or TPU

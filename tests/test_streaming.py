@@ -186,7 +186,8 @@ def test_train_py_on_streaming_shards_then_eval_py(packed, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "test/acc_top1" in metrics
-    evaluated = run("eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_workers=0",
+    # The shards are named on the command line: eval never reads a folder because a checkpoint names it.
+    evaluated = run("eval.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"root={out}", "num_workers=0",
                     f"output={tmp_path / 'eval.json'}", f"paths.log_dir={tmp_path}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())

@@ -216,7 +216,7 @@ def read_choice(cfg: DictConfig, key: str, options, note: str = "") -> Any:
 
 
 def constraint_at(schema: type, key: str) -> Constraint | None:
-    """The constraint of a dotted key in a schema (a dataclass of nfnet.app.schema) (None for a key without one)."""
+    """The constraint of a dotted key in a schema, a dataclass of nfnet.app.schema (None for a key without one)."""
     node, constraint = schema, None
     for part in key.split("."):
         match = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
