@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -24,14 +23,6 @@ CONF_DIR = str(ROOT / "conf")
 
 # A shapes dataset small enough to generate in about a second; cached once per session.
 SMALL_SHAPES = {"seed": 0, "train_per_class": 24, "val_per_class": 8, "image_size": 64}
-
-
-def installed(module: str) -> bool:
-    """Whether an optional module (a Hydra plugin of the `sweeps` extra, say) can be imported."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # no Hydra plugin at all: the `hydra_plugins` package is absent
-        return False
 
 
 def ready_datamodule(cfg):

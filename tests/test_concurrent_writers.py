@@ -138,7 +138,8 @@ def test_train_refuses_a_run_folder_another_live_run_holds_before_writing_anythi
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
 
 
-def test_resume_true_clears_the_partial_writes_of_the_run_it_continues(cfg_train, tmp_path):
+@pytest.mark.parametrize("how", ["resume=true", "ckpt_path=<file>"])
+def test_a_run_continued_in_a_new_folder_clears_the_partial_writes_of_the_killed_one(cfg_train, tmp_path, how):
     from omegaconf import open_dict
 
     from nfnet.app.resume import resolve_checkpoint
@@ -148,7 +149,7 @@ def test_resume_true_clears_the_partial_writes_of_the_run_it_continues(cfg_train
     write_checkpoint(killed / "last.ckpt")
     partial = killed / "last.ckpt.5e1f0a.tmp"  # a save killed right after it created its file
     partial.write_bytes(b"")
-    cfg = cfg_train(["resume=true"])
+    cfg = cfg_train(["resume=true"] if how == "resume=true" else [f"ckpt_path={killed / 'last.ckpt'}"])
     with open_dict(cfg):
         cfg.paths.log_dir = str(tmp_path / "logs")
         cfg.paths.output_dir = str(runs / "new")
@@ -156,4 +157,4 @@ def test_resume_true_clears_the_partial_writes_of_the_run_it_continues(cfg_train
         assert resolve_checkpoint(cfg) == str(killed / "last.ckpt")
         assert partial.exists()
     assert resolve_checkpoint(cfg) == str(killed / "last.ckpt")
-    assert not partial.exists()
+    assert sorted(p.name for p in killed.iterdir()) == ["last.ckpt"]

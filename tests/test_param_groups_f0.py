@@ -13,9 +13,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-models = pytest.importorskip("nfnet.models", reason="nfnet.models (create_model) not importable")
-
-from nfnet.optim.param_groups import (  # noqa: E402
+from nfnet import models
+from nfnet.optim.param_groups import (
     agc_named_parameters,
     optimizer_param_groups,
     parameter_roles,

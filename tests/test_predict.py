@@ -98,7 +98,7 @@ def test_predict_py_writes_json_to_stdout_and_logs_to_stderr(run_dir, tmp_path):
 
 
 def test_video_frames(run_dir, ema_net, tmp_path):
-    cv2 = pytest.importorskip("cv2")
+    import cv2
     images = [load_rgb(str(p)) for p in sorted((shapes_root(run_dir) / "val" / "square").glob("*.png"))[:6]]
     video = tmp_path / "clip.avi"
     # Lossless (FFV1) so that decoded frames equal the images they were written from.
@@ -120,7 +120,6 @@ def test_video_frames(run_dir, ema_net, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("to_file", [False, True])
 def test_camera_that_cannot_be_opened_is_one_line_and_writes_nothing(run_dir, tmp_path, to_file):
-    pytest.importorskip("cv2")
     output = tmp_path / "earlier.json"
     output.write_text("[]")  # a previous run's predictions
     result = subprocess.run(

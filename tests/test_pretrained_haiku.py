@@ -7,6 +7,7 @@ import pickle
 import sys
 import types
 
+import dill
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,6 @@ import torch
 from nfnet.models import VARIANTS, create_model, load_haiku_checkpoint
 from nfnet.models.haiku import haiku_to_state_dict
 from nfnet.models.matching import infer_variant
-
-dill = pytest.importorskip("dill")
 
 # NFNET_SPEC.md §2.2: haiku modules per variant (the F+ rows share their F row's count).
 SPEC_MODULES = {0: 94, 1: 178, 2: 262, 3: 346, 4: 430, 5: 514, 6: 598, 7: 682}

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 
+import dill
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,8 +16,7 @@ from nfnet.models import create_model, load_pretrained
 from nfnet.models.convert import main as convert
 from nfnet.models.pretrained import save_safetensors
 
-dill = pytest.importorskip("dill")
-from test_pretrained_haiku import to_haiku  # noqa: E402 - the spec's Haiku layout
+from test_pretrained_haiku import to_haiku  # the spec's Haiku layout
 
 # This project's names -> timm dm_nfnet_* names (timm `models/nfnet.py`), for writing
 # timm-style files from a small model.

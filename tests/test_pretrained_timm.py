@@ -2,12 +2,11 @@
 logits under the documented numerics switches (NFNET_SPEC.md §5, timm differences)."""
 
 import pytest
+import timm
 import torch
 
 from nfnet.models import create_model, from_timm_state_dict
 from nfnet.models.pretrained import TIMM_NUMERICS
-
-timm = pytest.importorskip("timm")
 
 PARITY_RTOL = 1e-4  # the issue: logits equal to timm's within 1e-4 relative
 

@@ -41,6 +41,20 @@ def _one_config_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def _refused_by_the_command_line(capsys, *overrides: str) -> str:
+    """The line train.py's first step (nfnet.app.cli.precheck) answers `overrides` with, run in
+    this process: the same check, without an interpreter start that imports torch."""
+    from nfnet.app.cli import precheck
+
+    with pytest.raises(SystemExit) as stop:
+        precheck(ROOT / "conf", "train", ["logger=none", "print_config=false", *overrides])
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), captured.err
+    return lines[0]
+
+
 # --------------------------------------------------------------------------- untrusted files
 def test_a_hostile_checkpoint_given_to_train_py_is_refused_and_runs_nothing(tmp_path, shapes_cache):
     target = tmp_path / "created-by-the-pickle"
@@ -78,24 +92,25 @@ def test_hostile_pretrained_weights_are_refused_and_run_nothing(cfg_train, tmp_p
 
 
 # --------------------------------------------------------------------------- unusable environments
-def test_an_output_directory_that_cannot_be_created_is_one_line(tmp_path):
+@pytest.mark.parametrize("key", ["paths.log_dir", "hydra.run.dir"])
+def test_an_output_directory_that_cannot_be_created_is_one_line(tmp_path, capsys, key):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     # Under a regular file nothing can be created, even by root (a chmod'ed folder would not do).
-    result = _train_py(log_dir=blocker / "logs")
-    line = _one_config_error_line(result)
-    assert "paths.log_dir=" in line and "is a file" in line
+    line = _refused_by_the_command_line(capsys, f"{key}={blocker / 'out'}", f"paths.data_dir={tmp_path / 'data'}")
+    assert line.startswith(f"config error: {key}=") and f"{blocker} is a file, not a folder" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty"])
-def test_a_dataset_root_that_is_missing_or_empty_is_one_line(tmp_path, layout):
+def test_a_dataset_root_that_is_missing_or_empty_is_one_line(tmp_path, capsys, layout):
     root = tmp_path / "images"
     if layout == "empty":
         root.mkdir()
-    result = _train_py("data=imagefolder", f"data.root={root}", log_dir=tmp_path / "logs")
-    line = _one_config_error_line(result)
+    line = _refused_by_the_command_line(capsys, "data=imagefolder", f"data.root={root}", f"paths.log_dir={tmp_path / 'logs'}")
     assert f"data.root={str(root)!r}" in line
     assert ("does not exist" if layout == "missing" else "is empty") in line
+    assert not (tmp_path / "logs").exists()
 
 
 def test_class_folders_without_images_are_a_config_error(cfg_train, tmp_path):
@@ -122,11 +137,12 @@ def test_too_little_disk_for_a_checkpoint_stops_before_training(cfg_train, monke
     assert not os.path.exists(os.path.join(cfg.paths.output_dir, "checkpoints"))
 
 
-def test_resume_true_and_ckpt_path_together_are_one_line(tmp_path):
+def test_resume_true_and_ckpt_path_together_are_one_line(tmp_path, capsys):
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")
-    line = _one_config_error_line(_train_py("resume=true", f"ckpt_path={ckpt}", log_dir=tmp_path / "logs"))
-    assert "resume=true" in line
+    line = _refused_by_the_command_line(capsys, "resume=true", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'logs'}")
+    assert "resume=true" in line and f"ckpt_path='{ckpt}'" in line
+    assert not (tmp_path / "logs").exists()
 
 
 def test_resume_true_without_any_checkpoint_starts_fresh_and_clears_partial_writes(cfg_train):

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from damaged_files import damage as damage_file
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
@@ -115,12 +117,14 @@ def assert_same_run(final: Path, reference_ckpt: Path) -> None:
     assert not diffs, diffs[:10]
 
 
-def _kill_and_resume(tmp_path, reference, step, when, resume_args, workers=0):
+def _kill_and_resume(tmp_path, reference, step, when, resume_args, workers=0, after_kill=None):
     reference_ckpt, reference_batches, data = reference
     log = tmp_path / "batches.log"
     killed_dir = run_dir(tmp_path, "killed")
     killed = train_py(killed_dir, data, *kill_at(step, when), batch_log=log)
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup ran
+    if after_kill is not None:
+        after_kill(killed_dir / "checkpoints")
     resumed_dir = killed_dir if "ckpt_path=last" in resume_args else run_dir(tmp_path, "resumed")
     resumed = train_py(resumed_dir, data, *resume_args, f"data.num_workers={workers}", batch_log=log)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -149,6 +153,24 @@ def test_killed_at_an_epoch_boundary_resumes_bit_exactly_with_resume_true(tmp_pa
     _, resumed = _kill_and_resume(tmp_path, reference, step=steps_after(1), when="start", resume_args=["resume=true"],
                                   workers=workers)
     assert "resume=true: resuming from" in resumed.stderr and "killed" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_last_ckpt_is_passed_over_and_the_run_resumes_bit_exactly(tmp_path, reference):
+    # Killed before step 11 (epoch 1): last-step.ckpt holds step 10, last.ckpt and epoch_000.ckpt
+    # step 6. Then last.ckpt is found cut in half and newest of all (a copy back from a backup,
+    # say, interrupted): resume=true passes over it to last-step.ckpt and says so in one line.
+    def cut_last(checkpoints: Path) -> None:
+        damage_file(checkpoints / "last.ckpt", "cut in half")
+        os.utime(checkpoints / "last.ckpt")
+
+    _, resumed = _kill_and_resume(tmp_path, reference, step=10, when="start", resume_args=["resume=true"],
+                                  after_kill=cut_last)
+    checkpoints = run_dir(tmp_path, "killed") / "checkpoints"
+    lines = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "resume=true: resuming from" in line]
+    assert len(lines) == 1, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints / 'last-step.ckpt'} (passed over 1 damaged: {checkpoints / 'last.ckpt'} is cut short" \
+        in lines[0]
 
 
 @pytest.mark.slow

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SMALL_SHAPES, compose_train, installed
+from conftest import SMALL_SHAPES, compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-needs_optuna = pytest.mark.skipif(not installed("hydra_plugins.hydra_optuna_sweeper"), reason="needs the `sweeps` extra")
-needs_submitit = pytest.mark.skipif(
-    not installed("hydra_plugins.hydra_submitit_launcher"), reason="needs the `sweeps` extra"
-)
 
 
 def _train(args: list[str], sweep_dir: Path, shapes_cache: Path) -> subprocess.CompletedProcess:
@@ -98,7 +92,6 @@ def test_a_job_that_diverges_is_a_result_and_the_sweep_goes_on(tmp_path, shapes_
     assert any(line.startswith(f"{stopped['val/acc_top1']:.4f}*".rjust(len("val/acc_top1"))) for line in lines)
 
 
-@needs_optuna
 @pytest.mark.slow
 def test_optuna_search_over_lr_and_lambda(tmp_path, shapes_cache):
     sweep = tmp_path / "optuna"
@@ -115,7 +108,6 @@ def test_optuna_search_over_lr_and_lambda(tmp_path, shapes_cache):
         assert 0.005 <= float(values["optim.agc.clipping"]) <= 0.64
 
 
-@needs_submitit
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, shapes_cache):
     sweep = tmp_path / "submitit"
@@ -128,7 +120,6 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, shapes_cache):
     assert len(list((sweep / ".submitit").glob("*/*_log.out"))) == 2
 
 
-@needs_submitit
 def test_launcher_slurm_composes_a_submitit_slurm_launcher():
     from hydra.core.hydra_config import HydraConfig
 

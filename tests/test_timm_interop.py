@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import timm
 import torch
 
 from nfnet.models import create_model, from_timm_state_dict
@@ -16,10 +17,7 @@ from nfnet.models.timm import (
 from nfnet.models.timm_hub import (
     push_timm_folder, read_timm_folder, save_timm_folder, timm_data_config,
 )
-
-timm = pytest.importorskip("timm")
-
-from test_pretrained_timm import randomize_, relative_error  # noqa: E402  (needs timm too)
+from test_pretrained_timm import randomize_, relative_error
 
 CLASSES = 10
 NAMES = [f"class_{i}" for i in range(CLASSES)]

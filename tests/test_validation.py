@@ -1,5 +1,9 @@
 """Bad overrides are refused before any work starts, each with one line naming key, value and
-what is allowed, and no traceback; good values pass the same checks."""
+what is allowed, and no traceback; good values pass the same checks.
+
+Every case runs in this process through the command line's own check (nfnet.app.cli.precheck,
+the first thing train.py does); a few also run as `python train.py`, as typed, to show the whole
+entry point answers the same way (each such process spends seconds importing torch)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_train, installed
+from conftest import compose_train
+from nfnet.app.cli import precheck
 from nfnet.app.machine import devices_per_node, per_device_batch_size
 from nfnet.data.options import AUGMENTS, SOURCES
 from nfnet.errors import ConfigError
@@ -22,7 +27,7 @@ from nfnet.app.checks import check_config
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "/nonexistent/nfnet-test"
 
-# (overrides, what the one line must say). Each runs `python train.py <overrides>` as typed.
+# (overrides, what the one line must say), as typed after `python train.py`.
 CASES = {
     "unknown model option": (["model=nfnet_f9"], ["model=nfnet_f9", "choose one of", "nfnet_f0", "nfnet_tiny"]),
     "unknown model name": (["model.name=nfnet_f9"], ["model.name='nfnet_f9'", "nfnet_f7plus"]),
@@ -63,8 +68,26 @@ CASES = {
     "home directory as ~": (
         ["data=imagefolder", "data.root=~/photos"], ["data.root=~/photos", "does not expand ~", "$HOME/"],
     ),
+    # Values that used to pass the checks and fail later, or write where they should not.
+    "negative seed": (["seed=-1"], ["seed=-1", "[0, 4294967295]", "null"]),
+    "seed beyond 32 bits": (["seed=4294967296"], ["seed=4294967296", "[0, 4294967295]"]),
+    "task name of 300 characters": (["task_name=" + "t" * 300], ["task_name=", "(302 characters)", "1 to 100 characters"]),
+    "task name outside the log folder": (["task_name=../../x"], ["task_name='../../x'", "without /"]),
+    "a 5,000-digit integer": (["trainer.max_epochs=" + "9" * 5000], ["trainer.max_epochs", "number too long to read"]),
+    "negative checkpoint interval": (
+        ["callbacks.step_checkpoint.every_n_train_steps=-1"],
+        ["callbacks.step_checkpoint.every_n_train_steps=-1", "integer >= 0", "never"],
+    ),
+    "a mapping as the data folder": (["data.root={a: 1}"], ["data.root='{a: 1}'", "must be a folder"]),
+    "no images per class": (["data.shapes.train_per_class=0"], ["data.shapes.train_per_class=0", "integer >= 1"]),
+    "infinite learning rate": (["optim.base_lr=inf"], ["optim.base_lr=inf", "finite number > 0"]),
+    "infinite weight decay": (["optim.weight_decay=inf"], ["optim.weight_decay=inf", "finite number >= 0"]),
+    "warmup longer than the run": (
+        ["optim.warmup_epochs=1e30", "trainer.max_epochs=3"],
+        ["optim.warmup_epochs=1e+30", "longer than the run", "trainer.max_epochs=3"],
+    ),
 }
-if shutil.which("srun") is None and installed("hydra_plugins.hydra_submitit_launcher"):
+if shutil.which("srun") is None:
     CASES["SLURM sweep where there is no SLURM"] = (
         ["-m", "launcher=slurm", "trainer=gpu", "hydra.launcher.gpus_per_node=1", "optim.agc.clipping=0.01,0.02"],
         ["launcher=slurm", "no `srun`", "hydra/launcher=submitit_local"],
@@ -73,40 +96,63 @@ if not torch.cuda.is_available():
     CASES["GPU trainer without a GPU"] = (["trainer=gpu"], ["trainer.accelerator='gpu'", "no CUDA GPU", "trainer=cpu"])
 
 
-def _run(overrides: list[str], log_dir: Path) -> subprocess.CompletedProcess:
+# Enough to show `python train.py` itself answers in one line (a sweep, a type error, a group
+# option, a name check), without paying an interpreter start for every case.
+AS_PROCESSES = ["unknown model option", "wrong type", "one bad job of a sweep", "task name outside the log folder"]
+
+
+def _outputs(folder: Path) -> list[str]:
+    """Where a run would write: the log folder and the data cache, both inside `folder`."""
+    return [f"paths.log_dir={folder / 'logs'}", f"paths.data_dir={folder / 'data'}"]
+
+
+def _assert_one_line(case: str, code, stderr: str, stdout: str, folder: Path) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith("config error: "), stderr
+    for needle in CASES[case][1]:
+        assert needle in lines[0]
+    # Refused before any work: no run directory, no data cache, no output at all.
+    assert not any(folder.iterdir())
+    assert stdout == ""
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_override_is_one_clear_line(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a value taken for a relative folder would be created here
+    with pytest.raises(SystemExit) as stop:
+        precheck(ROOT / "conf", "train", [*CASES[case][0], *_outputs(tmp_path)])
+    captured = capsys.readouterr()
+    _assert_one_line(case, stop.value.code, captured.err, captured.out, tmp_path)
+
+
+def _run(overrides: list[str], folder: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides, f"paths.log_dir={log_dir}"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [sys.executable, str(ROOT / "train.py"), *overrides, *_outputs(folder)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=folder,
     )
 
 
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory):
-    """Every case run once, two at a time (most of each run is importing torch)."""
-    log_dirs = {name: tmp_path_factory.mktemp("logs") for name in CASES}
+    """Each process case run once, two at a time (most of each run is importing torch)."""
+    folders = {name: tmp_path_factory.mktemp("outputs") for name in AS_PROCESSES}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(_run, overrides, log_dirs[name]) for name, (overrides, _) in CASES.items()}
-        return {name: (future.result(), log_dirs[name]) for name, future in futures.items()}
+        futures = {name: pool.submit(_run, CASES[name][0], folders[name]) for name in AS_PROCESSES}
+        return {name: (future.result(), folders[name]) for name, future in futures.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_override_is_one_clear_line(case, refused):
-    result, log_dir = refused[case]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("config error: "), result.stderr
-    for needle in CASES[case][1]:
-        assert needle in lines[0]
-    # Refused before any work: no run directory, no output at all.
-    assert not any(log_dir.iterdir())
-    assert result.stdout == ""
+@pytest.mark.parametrize("case", AS_PROCESSES)
+def test_train_py_itself_answers_in_one_line(case, refused):
+    result, folder = refused[case]
+    _assert_one_line(case, result.returncode, result.stderr, result.stdout, folder)
 
 
 def test_at_least_fifteen_cases():
-    assert len(CASES) >= 15
+    assert len(CASES) >= 15 and set(AS_PROCESSES) <= set(CASES)
 
 
 def test_validation_constants_match_the_datamodule():

@@ -12,12 +12,11 @@ import logging
 from pathlib import Path
 
 import pytest
+import wandb
 from omegaconf import open_dict, read_write
+from wandb.proto import wandb_internal_pb2
 
 from conftest import SMALL_SHAPES, compose_train
-
-wandb = pytest.importorskip("wandb")
-from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 BLOCK = 32768
 

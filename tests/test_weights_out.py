@@ -92,7 +92,7 @@ def test_export_with_a_hub_repo_needs_the_timm_format():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from nfnet.app.checks import check_export_config
+    from nfnet.app.inference_checks import check_export_config
     from nfnet.errors import ConfigError
 
     GlobalHydra.instance().clear()

@@ -23,14 +23,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nfnet.app.checks import CHECKS
+from nfnet.app.checks import check_config, check_pack_config, check_update_config
+from nfnet.app.inference_checks import check_eval_config, check_export_config, check_predict_config
 from nfnet.app.runs import in_multirun
-from nfnet.app.schema import ENTRIES, constraint_at, register
-from nfnet.app.values import shown
+from nfnet.app.schema import ENTRIES, register
+from nfnet.app.values import constraint_at, shown
 from nfnet.errors import ConfigError, InputError, TrainingStopped
 
 # A sweep is checked job by job up to this many jobs; beyond that the first ones stand for all.
 MAX_CHECKED_JOBS = 64
+
+CHECKS = {"train": check_config, "eval": check_eval_config, "predict": check_predict_config, "export": check_export_config,
+          "pack": check_pack_config, "update": check_update_config}
 
 
 def fail(message: str) -> None:

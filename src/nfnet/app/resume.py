@@ -68,6 +68,7 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
                 f"ckpt_path={str(ckpt_path)!r} {why}; give another checkpoint of the run, or resume=true to take the "
                 "newest whole one (to start from its weights alone: model.pretrained=<file>)"
             )
+        _continue_from(cfg, os.path.expanduser(str(ckpt_path)))
         return ckpt_path
     if not cfg.get("resume"):
         return ckpt_path
@@ -77,10 +78,16 @@ def resolve_checkpoint(cfg: DictConfig) -> str | None:
         log.info("resume=true: no checkpoint found, starting a new run")
         return None
     path = _chosen("resume=true", path, passed)
+    _continue_from(cfg, path)
+    return path
+
+
+def _continue_from(cfg: DictConfig, path: str) -> None:
+    """A run that continues another one in a new folder clears the temp files that a killed
+    save left in the other run's checkpoint folder; this run's own are cleared when it starts."""
     folder = os.path.dirname(os.path.abspath(path))
     if folder not in {os.path.abspath(d) for d in checkpoint_dirs(cfg)}:
         _clear_partial_writes(folder)
-    return path
 
 
 def _chosen(how: str, path: str | None, passed: list[tuple[str, str]]) -> str | None:
