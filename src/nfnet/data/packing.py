@@ -118,21 +118,29 @@ def _read_checked_run(paths: list[str]) -> list[tuple[Optional[bytes], Optional[
     return [read_checked(path) for path in paths]
 
 
-def _checked(paths: list[str], workers: int) -> Iterator[tuple[Optional[bytes], Optional[str]]]:
-    """read_checked over `paths`, in order, on `workers` processes. At most a few runs of files
-    per process are read ahead of the writer, so memory stays bounded however slow the writing;
-    a process that dies (the OOM killer) raises BrokenProcessPool instead of hanging. Processes
-    are spawned, not forked: the caller may hold threads, which a fork copies in an undefined state."""
-    if workers <= 1:
+def _checked(paths: list[str], pool: ProcessPoolExecutor | None, workers: int) -> Iterator[tuple[Optional[bytes], Optional[str]]]:
+    """read_checked over `paths`, in order, on the `workers` processes of `pool` (None: here). At
+    most a few runs of files per process are read ahead of the writer, so memory stays bounded
+    however slow the writing; a process that dies (the OOM killer) raises BrokenProcessPool
+    instead of hanging."""
+    if pool is None:
         yield from map(read_checked, paths)
         return
     runs = (paths[i:i + _FILES_PER_TASK] for i in range(0, len(paths), _FILES_PER_TASK))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pending: deque = deque(pool.submit(_read_checked_run, run) for run in itertools.islice(runs, 4 * workers))
-        while pending:
-            results = pending.popleft().result()
-            pending.extend(pool.submit(_read_checked_run, run) for run in itertools.islice(runs, 1))
-            yield from results
+    pending: deque = deque(pool.submit(_read_checked_run, run) for run in itertools.islice(runs, 4 * workers))
+    while pending:
+        results = pending.popleft().result()
+        pending.extend(pool.submit(_read_checked_run, run) for run in itertools.islice(runs, 1))
+        yield from results
+
+
+def _reading_pool(workers: int):
+    """The processes that read and check the files, started once for every split (each start
+    imports the decoder: seconds). Spawned, not forked: the caller may hold threads, which a fork
+    copies in an undefined state."""
+    if workers <= 1:
+        return nullcontext(None)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _progress(enabled: bool):
@@ -166,8 +174,8 @@ def _stamp_index(split_dir: str, digest: str) -> None:
     atomic_write_text(path, json.dumps(index, sort_keys=True))
 
 
-def _write_split(plan: PackPlan, split: str, output_dir: str, workers: int, chunk_bytes: int,
-                 max_bad_fraction: float, progress) -> tuple[list[tuple[int, int, str]], dict[str, str]]:
+def _write_split(plan: PackPlan, split: str, output_dir: str, pool: ProcessPoolExecutor | None, workers: int,
+                 chunk_bytes: int, max_bad_fraction: float, progress) -> tuple[list[tuple[int, int, str]], dict[str, str]]:
     """Writes one split into place; returns its manifest rows (index, label, source path) and its bad files."""
     from litdata.streaming.writer import BinaryWriter
 
@@ -178,7 +186,7 @@ def _write_split(plan: PackPlan, split: str, output_dir: str, workers: int, chun
     digest = hashlib.blake2b(digest_size=16, person=b"nfnet-pack")
     rows, bad = [], {}
     task = progress.add_task(split, total=len(samples)) if progress is not None else None
-    for (path, label), (data, why) in zip(samples, _checked([p for p, _ in samples], workers)):
+    for (path, label), (data, why) in zip(samples, _checked([p for p, _ in samples], pool, workers)):
         if data is None:
             bad[path] = why
             log.warning("%s split: skipping bad image file %s (%s)", split, printable(path), why)
@@ -215,9 +223,10 @@ def pack(plan: PackPlan, output_dir: str, workers: int = 1, chunk_bytes: int = 6
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
     _prepare_output(output_dir)
     manifest, bad, sizes = [], {}, {}
-    with _progress(show_progress) as progress:
+    with _progress(show_progress) as progress, _reading_pool(workers) as pool:
         for split in SPLITS:
-            rows, split_bad = _write_split(plan, split, output_dir, workers, chunk_bytes, max_bad_fraction, progress)
+            rows, split_bad = _write_split(plan, split, output_dir, pool, workers, chunk_bytes, max_bad_fraction,
+                                           progress)
             sizes[split] = len(rows)
             bad.update(split_bad)
             manifest += [(split, index, label, path) for index, label, path in rows]
