@@ -1,5 +1,5 @@
 """update.py: rounds that keep a model current as a folder grows (nfnet.app.rounds), its one-line
-refusals, and its watch mode. The three-round walk of the README, with a kill, is the slow case."""
+refusals, and its watch mode. The three-round walk of the README, with a kill, is test_update_rounds.py."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -71,6 +72,17 @@ def kill_after_first_checkpoint(tmp_path: Path, args: list[str], work: Path) -> 
     return process.communicate()[0]
 
 
+class LogLines(logging.Handler):
+    """The messages of the records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("walk")
@@ -91,7 +103,7 @@ def walk(tmp_path_factory):
     seen.round2_start = load_file(registry.work / rounds.START)
     seen.round2_plan = json.loads((registry.work / rounds.PLAN).read_text())
     # The rerun's module as built, before Lightning restores the checkpoint: the round's start.
-    built = []
+    built, said = [], LogLines()
 
     def spy(cfg, datamodule):
         module = build(cfg, datamodule)
@@ -99,11 +111,18 @@ def walk(tmp_path_factory):
         return module
 
     build = rounds.build_run_module
-    rounds.build_run_module = spy
-    try:
-        seen.records[2] = update(compose_update(tmp, round_args(2)))
-    finally:
-        rounds.build_run_module = build
+    rounds_log = logging.getLogger(rounds.__name__)
+    level = rounds_log.level
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rounds, "build_run_module", spy)
+        rounds_log.setLevel(logging.INFO)
+        rounds_log.addHandler(said)
+        try:
+            seen.records[2] = update(compose_update(tmp, round_args(2)))
+        finally:
+            rounds_log.removeHandler(said)
+            rounds_log.setLevel(level)
+    seen.rerun_log = said.lines
     seen.round2_built = built[0]
     seen.current_after_2 = registry.current()
 
@@ -124,6 +143,7 @@ def test_a_kill_mid_round_leaves_the_registry_as_it_was_and_the_rerun_resumes(wa
     assert "resuming round 0002" not in walk.killed_output
     record = walk.records[2]
     assert record["resumed"] is True and record["candidate"] == "0002"
+    assert any(line.startswith("resuming round 0002, interrupted, from ") for line in walk.rerun_log), walk.rerun_log
     assert [h["candidate"] for h in walk.registry.history()] == ["0001", "0002", "0003"]
     assert not walk.registry.work.exists(), "a committed round leaves no .round/ behind"
 
