@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nfnet.app.update_checks import check_update_config
+from nfnet.app.checks import check_update_config
 from nfnet.data.shapes_rounds import write_round
 from nfnet.errors import ConfigError
 from nfnet.inference.registry import MODEL, Registry, write_version_files

@@ -17,8 +17,8 @@ import tempfile
 from omegaconf import DictConfig
 
 from nfnet.app.machine import check_trainer
-from nfnet.app.schema import ENTRIES, EXPORT_FORMATS
-from nfnet.app.values import Integer, constrained_keys, is_int, read, require, shown
+from nfnet.app.schema import ENTRIES, EXPORT_FORMATS, constrained_keys
+from nfnet.app.values import Integer, is_int, read, require, shown
 from nfnet.data.shards import PACK_FILE, is_remote
 from nfnet.errors import ConfigError, InputError
 from nfnet.models import VARIANTS
@@ -379,6 +379,51 @@ def check_pack_config(cfg: DictConfig, this_machine: bool = True) -> None:
     require(reason is None, f"output_dir={output!r} cannot hold the shards: {reason}")
 
 
-# update.py's check is nfnet.app.update_checks.check_update_config, which builds on these.
+# --------------------------------------------------------------------------- update.py
+def check_update_config(cfg: DictConfig, this_machine: bool = True) -> None:
+    """update.py: the training run's checks, one growing folder, and a registry this round can continue."""
+    check_schema_values(cfg, "update")
+    source = read(cfg, "data.source")
+    require(source == "imagefolder", f"data.source={source!r}: update.py learns from one folder of class folders that "
+                                     "grows, data=imagefolder (its default) with data.root=<folder>")
+    _check_model(cfg, this_machine)
+    _check_data(cfg, this_machine)
+    _check_ra_level(cfg)
+    check_trainer(cfg, this_machine)
+    _check_requires(cfg)
+    _check_outputs(cfg, this_machine)
+    if this_machine:
+        try:
+            _check_registry(cfg)
+        except InputError as error:  # the registry's or the class set's own one line
+            raise ConfigError(str(error)) from None
+
+
+def _check_registry(cfg: DictConfig) -> None:
+    from nfnet.data.class_set import evolve_classes
+    from nfnet.inference.registry import MODEL_INFO, Registry, read_json
+
+    path = os.path.expanduser(str(read(cfg, "registry")))
+    reason = unwritable_reason(path)
+    require(reason is None, f"registry={path!r} cannot hold the model registry: {reason}")
+    registry = Registry(path)
+    require(registry.exists() or not os.path.isdir(path) or not os.listdir(path),
+            f"registry={path!r} is a folder with other files in it, not a model registry (no versions/ folder); "
+            "give a new or empty folder")
+    current = registry.current()
+    if current is None:
+        return
+    name, variant = read(cfg, "model.name"), read_json(registry.folder(current) / MODEL_INFO)["model"]["name"]
+    require(name == variant, f"model.name={name!r}, but version {current}, in service in registry={path!r}, is a "
+                             f"{variant}, which a round continues; add model={variant}")
+    pretrained = read(cfg, "model.pretrained", None)
+    require(pretrained is None, f"model.pretrained={str(pretrained)!r} starts an empty registry; registry={path!r} has "
+                                f"version {current} in service, which this round starts from: drop model.pretrained")
+    root = os.path.expanduser(str(read(cfg, "data.root")))
+    with os.scandir(root) as entries:
+        folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    evolve_classes(registry.classes(current), folders, read(cfg, "data.class_map", None))
+
+
 CHECKS = {"train": check_config, "eval": check_eval_config, "predict": check_predict_config, "export": check_export_config,
-          "pack": check_pack_config}
+          "pack": check_pack_config, "update": check_update_config}

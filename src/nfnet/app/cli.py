@@ -25,9 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nfnet.app.checks import CHECKS
 from nfnet.app.runs import in_multirun
-from nfnet.app.schema import ENTRIES, register
-from nfnet.app.update_checks import check_update_config
-from nfnet.app.values import constraint_at, shown
+from nfnet.app.schema import ENTRIES, constraint_at, register
+from nfnet.app.values import shown
 from nfnet.errors import ConfigError, InputError, TrainingStopped
 
 # A sweep is checked job by job up to this many jobs; beyond that the first ones stand for all.
@@ -100,7 +99,7 @@ def _precheck(config_dir: Path, entry: str, argv: list[str]) -> None:
             args.config_path, args.config_dir)):
         return
     config_name = args.config_name or entry
-    check = {**CHECKS, "update": check_update_config}.get(entry)
+    check = CHECKS.get(entry)
     overrides = _parse(args.overrides)
     jobs = _sweep_jobs(config_dir, overrides) if args.multirun else [list(args.overrides)]
     for number, job in enumerate(jobs[:MAX_CHECKED_JOBS]):

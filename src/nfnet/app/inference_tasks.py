@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from nfnet.app.checks import check_eval_config, check_export_config, check_predict_config, export_formats
 from nfnet.app.reports import print_table, write_json
-from nfnet.app.schema import DataConfig, OptimConfig
-from nfnet.app.values import constraint_at, input_error, refused_file_error
+from nfnet.app.schema import DataConfig, OptimConfig, constraint_at
+from nfnet.app.values import input_error, refused_file_error
 from nfnet.data.workers import usable_workers
 from nfnet.errors import ConfigError, InputError
 from nfnet.inference.classifier import Classifier, from_checkpoint, from_pretrained, from_registry

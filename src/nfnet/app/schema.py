@@ -394,3 +394,28 @@ def section(group: str, **values: Any) -> dict[str, Any]:
     register()
     node = OmegaConf.merge(OmegaConf.structured(GROUPS[group]), values)
     return OmegaConf.to_container(node, resolve=True)
+
+
+def constraint_at(schema: type, key: str) -> Constraint | None:
+    """The constraint of a dotted key in a schema (None for a key without one)."""
+    node, constraint = schema, None
+    for part in key.split("."):
+        match = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
+        if match is None:
+            return None
+        constraint = match.metadata.get("constraint")
+        node = match.default_factory if match.default_factory is not dataclasses.MISSING else None
+    return constraint
+
+
+def constrained_keys(schema: type, prefix: str = "") -> list[tuple[str, Constraint]]:
+    """Every (dotted key, constraint) of a schema, nested dataclasses included."""
+    found = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(nested):
+            found += constrained_keys(nested, f"{key}.")
+        elif f.metadata.get("constraint") is not None:
+            found.append((key, f.metadata["constraint"]))
+    return found

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from nfnet.app.update_checks import check_update_config
+from nfnet.app.checks import check_update_config
 from nfnet.app.reports import print_config
 from nfnet.app.rounds import run_round
 from nfnet.data.rounds import new_files
