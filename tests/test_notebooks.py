@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 # Notebooks that take more than about a minute on two CPU cores (they still run in CI).
-SLOW = {"adaptive_gradient_clipping", "finetune_and_predict"}
+SLOW = {"adaptive_gradient_clipping", "finetune_and_predict", "update_rounds"}
 # Per cell; generous because a shared CI machine can be several times slower than an idle one.
 CELL_TIMEOUT_S = 900
 

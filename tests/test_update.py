@@ -1,5 +1,5 @@
 """update.py: rounds that keep a model current as a folder grows (nfnet.app.rounds), its one-line
-refusals, and its watch mode. The three-round walk of the README, with a kill, is the slow case."""
+refusals, and its watch mode. The three-round walk of the README, with a kill, is test_update_rounds.py."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from nfnet.app.checks import check_update_config
 from nfnet.data.shapes_rounds import write_round
@@ -22,30 +18,7 @@ from nfnet.errors import ConfigError
 from nfnet.inference.registry import MODEL, Registry, write_version_files
 from nfnet.models import create_model, get_variant
 from nfnet.models.pretrained import save_safetensors
-
-ROOT = Path(__file__).resolve().parents[1]
-# Small and quick: 32 px shapes, a few steps per round, nothing but what is tested.
-QUICK = ["print_config=false", "logger=none", "callbacks.rich_progress_bar=null", "callbacks.augmented_images=null",
-         "data.num_workers=0", "data.batch_size=16", "data.eval_batch_size=64", "data.train_size=32",
-         "data.test_size=32", "data.eval_pad=0", "data.val_fraction=0.2"]
-
-
-def compose_update(tmp_path: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("update", overrides=[*QUICK, f"paths.log_dir={tmp_path / 'logs'}", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-    HydraConfig().set_config(cfg)
-    return cfg
-
-
-def update_py(tmp_path: Path, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "update.py"), *QUICK, f"paths.log_dir={tmp_path / 'logs'}", *overrides],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
+from update_helpers import ROOT, compose_update, quiet_env, update_py
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -123,7 +96,7 @@ def test_finetune_weights_of_another_variant_are_one_line_naming_model(tmp_path,
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "experiment=finetune", f"data.root={folder}",
          f"model.pretrained={weights}", f"paths.log_dir={tmp_path / 'logs'}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        capture_output=True, text=True, timeout=300, env=quiet_env(),
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
