@@ -21,7 +21,6 @@ Prints a markdown table and writes it to benchmarks/results/streaming.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile

@@ -21,7 +21,6 @@ a shared machine is a measurement.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess

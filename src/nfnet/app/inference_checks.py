@@ -24,7 +24,7 @@ def _check_weights_source(cfg: DictConfig, entry: str, this_machine: bool) -> No
     require(
         sum(value is not None for value in given.values()) == 1,
         "give exactly one of ckpt_path=<checkpoint written by train.py>, pretrained=<weights file> "
-        f"(with model_name=<variant>) or registry=<folder written by update.py>; got "
+        "(with model_name=<variant>) or registry=<folder written by update.py>; got "
         + ", ".join(f"{key}={value!r}" for key, value in given.items()),
     )
     pretrained = given["pretrained"]
